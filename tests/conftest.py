@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DIFFLAB_SHARED", REPO.parent / "shared"))
+HW2_DATA = SHARED / "hw2_data"
+EVALUATORS = SHARED / "evaluators"
+
+# Tests are CPU-only and small; two threads match the project's machines.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+requires_shared = pytest.mark.skipif(
+    not HW2_DATA.is_dir(), reason=f"../shared/hw2_data not present at {HW2_DATA} (set DIFFLAB_SHARED)"
+)
+requires_evaluators = pytest.mark.skipif(
+    not EVALUATORS.is_dir(), reason=f"../shared/evaluators not present at {EVALUATORS} (set DIFFLAB_SHARED)"
+)
