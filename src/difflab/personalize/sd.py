@@ -1,0 +1,431 @@
+"""Stable Diffusion v1.x: loading without the network, the UNet adapter, the schedule.
+
+Two forms are read:
+
+- a single-file original checkpoint (``sd-v1-4.ckpt`` or ``.safetensors``) with CompVis
+  key names (``model.diffusion_model.*``, ``first_stage_model.*``,
+  ``cond_stage_model.transformer.*``). The keys are converted with diffusers'
+  ``convert_ldm_*_checkpoint`` functions; the network configs they need are carried in
+  ``personalize/configs/*.json`` (or given with ``config_dir``), never fetched;
+- a diffusers-format folder with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``
+  (and optionally ``scheduler/scheduler_config.json``), read with ``local_files_only``.
+
+Nothing here reaches for the network: every ``from_pretrained`` call is local, and a test
+runs the loaders under a socket guard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from difflab.checkpoint import describe_mismatch
+from difflab.schedule import NoiseSchedule
+
+PathLike = Union[str, os.PathLike]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+NETWORKS = ("unet", "vae", "text_encoder")
+# The tokenizer SD v1 was trained with; used only when it is already in the local
+# Hugging Face cache (local_files_only=True never downloads).
+CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
+TOKENIZER_ENV = "DIFFLAB_SD_TOKENIZER"
+
+# CompVis key prefixes of the three networks in a single-file SD v1 checkpoint.
+LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str, device: Union[str, torch.device]) -> torch.dtype:
+    """``fp32|fp16|bf16`` -> torch dtype; half precision only on an accelerator."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    if name != "fp32" and torch.device(device).type == "cpu":
+        raise ValueError(f"--dtype {name} is for GPUs; on the CPU use fp32 (device {device!r})")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- configs
+def read_config(name: str, config_dir: Optional[PathLike] = None) -> Dict[str, Any]:
+    """The config of one network (``unet``, ``vae``, ``text_encoder``, ``scheduler``).
+
+    ``config_dir`` may hold ``{name}.json`` or ``{name}/config.json`` (a diffusers folder
+    works; the scheduler's file there is ``scheduler/scheduler_config.json``).
+    Without ``config_dir`` the SD v1 configs carried by the project are used.
+    """
+    base = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    candidates = [base / f"{name}.json", base / name / "config.json", base / name / f"{name}_config.json"]
+    for path in candidates:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+    raise FileNotFoundError(f"no {name} config in {base}: expected one of {', '.join(str(c) for c in candidates)}")
+
+
+def schedule_from_config(cfg: Dict[str, Any], source: str = "scheduler config") -> NoiseSchedule:
+    """Training betas of an SD-style scheduler config as our NoiseSchedule (float64).
+
+    ``scaled_linear`` (SD v1): beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2;
+    ``linear``: linspace(beta_start, beta_end, T).
+    """
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    T = int(cfg.get("num_train_timesteps", 1000))
+    b0, b1 = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    if cfg.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"{source}: prediction_type {cfg['prediction_type']!r} is not supported; expected 'epsilon' (SD v1)")
+    if kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
+    elif kind == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float64)
+    else:
+        raise ValueError(f"{source}: beta_schedule {kind!r} is not supported; expected 'scaled_linear' or 'linear'")
+    return NoiseSchedule(betas)
+
+
+def sd_v1_schedule() -> NoiseSchedule:
+    """SD v1's training schedule: scaled_linear, 0.00085 -> 0.012, 1000 steps."""
+    return schedule_from_config(read_config("scheduler"))
+
+
+# ----------------------------------------------------------------------- the bundle
+@dataclass
+class StableDiffusion:
+    """The networks of an SD v1-style model and the facts generation needs."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    schedule: NoiseSchedule
+    steps_offset: int
+    source: str
+    # Added-token embeddings (textual_inversion.ConceptEmbedding), set when concepts
+    # are added; prompts are expanded for multi-vector tokens before tokenizing.
+    concepts: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_scale(self) -> float:
+        """The VAE's ``scaling_factor`` (0.18215 for SD v1): latents are z * scale."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def resolution(self) -> int:
+        """Native image size: the UNet's ``sample_size`` times the VAE downsampling (512 for SD v1)."""
+        return int(self.unet.config.sample_size) * self.vae_downsample
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "StableDiffusion":
+        for net in (self.unet, self.vae, self.text_encoder):
+            net.to(device)
+            if dtype is not None and dtype != next(net.parameters()).dtype:
+                net.to(dtype)
+        return self
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """CLIP's last hidden state for each prompt: [B, L, D], L = max_position_embeddings.
+
+        Prompts are padded to L and truncated at L, as SD v1 does.
+        """
+        length = int(self.text_encoder.config.max_position_embeddings)
+        if self.concepts is not None:
+            prompts = [self.concepts.expand_prompt(p) for p in prompts]
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """[B, 4, h, w] latents (as sampled, i.e. scaled) -> [B, 3, H, W] images in [0, 1]."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        img = self.vae.decode(latents.to(vae_dtype) / self.latent_scale).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+class UNetDenoiser:
+    """Adapter: ``UNet2DConditionModel`` -> the Denoiser contract ``eps = f(x, t, cond)``.
+
+    ``cond`` is the text encoder's hidden states [B, L, D] (``encoder_hidden_states``).
+    Inputs are cast to the UNet's dtype; eps comes back in ``x``'s dtype.
+    """
+
+    def __init__(self, unet: Any):
+        self.unet = unet
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        eps = self.unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+        return eps.to(x.dtype)
+
+
+# ----------------------------------------------------------------- single-file reading
+class _Inert:
+    """Stand-in for a non-tensor Python object inside a checkpoint pickle.
+
+    Calling or building it runs no code from the file; its state is dropped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _inert_global(fullname: str):
+    module, _, qualname = fullname.rpartition(".")
+    cls = type(qualname or "Inert", (_Inert,), {"__module__": module or "__inert__"})
+    return (cls, fullname)
+
+
+def _torch_load_tensors(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; objects the safe unpickler refuses become inert.
+
+    Training checkpoints (e.g. ``sd-v1-4.ckpt``) may pickle a few Python objects beside
+    the weights (trainer callbacks, step counters). A plain ``weights_only=True`` load
+    refuses them; then the refused globals are listed without loading
+    (``get_unsafe_globals_in_checkpoint``) and replaced by classes that run no code, and
+    the file is loaded again with ``weights_only=True``.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        try:
+            with torch.serialization.safe_globals([_inert_global(n) for n in names]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"cannot read checkpoint {path} safely: torch.load(weights_only=True) refused it "
+                f"({str(first).splitlines()[0]}), and replacing the pickled objects {names} by inert "
+                f"placeholders failed too ({e}). Convert it to .safetensors in an environment you trust."
+            ) from None
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
+    """The flat ``name -> tensor`` mapping of a single-file checkpoint.
+
+    ``.safetensors`` is read directly; anything else with ``torch.load(weights_only=True)``
+    (see ``_torch_load_tensors``). A top-level ``state_dict`` entry is unwrapped;
+    non-tensor entries are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"cannot read safetensors checkpoint {path}: {e}") from None
+    else:
+        obj = _torch_load_tensors(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors (or one under 'state_dict'), got {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _check_sd_v1_keys(state: Dict[str, Tensor], path: Path) -> None:
+    if any(k.startswith("cond_stage_model.model.") for k in state):
+        raise ValueError(f"{path} is not a Stable Diffusion v1 checkpoint: its text encoder is OpenCLIP (SD 2.x); expected CLIP ViT-L/14 under 'cond_stage_model.transformer.'")
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise ValueError(f"{path} is not a Stable Diffusion v1 checkpoint: it has SDXL conditioner keys")
+    missing = [f"{name} ('{prefix}*')" for name, prefix in LDM_PREFIXES.items() if not any(k.startswith(prefix) for k in state)]
+    if missing:
+        sample = ", ".join(list(state)[:4]) or "no tensors at all"
+        raise ValueError(
+            f"{path} is not a Stable Diffusion v1 checkpoint: no weights for {', '.join(missing)}; "
+            f"it holds {len(state)} tensors ({sample}{', ...' if len(state) > 4 else ''})"
+        )
+
+
+def convert_ldm_state(state: Dict[str, Tensor], configs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Tensor]]:
+    """CompVis keys -> diffusers/transformers keys for the UNet, VAE and text encoder.
+
+    Uses diffusers' own conversion functions; they only rename and reshape.
+    """
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    unet = convert_ldm_unet_checkpoint(state, configs["unet"])
+    vae = convert_ldm_vae_checkpoint(state, configs["vae"])
+    clip = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_PREFIXES["text_encoder"])})
+    # Checkpoints made with old transformers lack the 'text_model.' level; position_ids
+    # is a non-persistent buffer in current transformers.
+    clip = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()}
+    clip.pop("text_model.embeddings.position_ids", None)
+    return {"unet": unet, "vae": vae, "text_encoder": clip}
+
+
+def _build_from_state(name: str, config: Dict[str, Any], state: Dict[str, Tensor], source: str):
+    """Build one network from its config and load ``state`` strictly (no random init for
+    the diffusers networks: they are built on the meta device and take the tensors)."""
+    if name == "text_encoder":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+        model = CLIPTextModel(CLIPTextConfig(**cfg))
+        assign = False
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        assign = True
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise ValueError(f"{source} is not a Stable Diffusion v1 checkpoint for this {name} config: {problem}")
+    model.load_state_dict(state, strict=True, assign=assign)
+    return model.float().eval()
+
+
+# -------------------------------------------------------------------------- tokenizer
+def _is_tokenizer_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+
+
+def load_tokenizer(path: Optional[PathLike], near: Optional[Path] = None):
+    """A CLIPTokenizer, from the first of: ``path``; ``$DIFFLAB_SD_TOKENIZER``;
+    ``tokenizer/`` beside the checkpoint (``near``); the local Hugging Face cache of
+    ``openai/clip-vit-large-patch14`` (never downloaded)."""
+    from transformers import CLIPTokenizer
+
+    tried = []
+    explicit = path if path is not None else os.environ.get(TOKENIZER_ENV) or None
+    if explicit is not None:
+        p = Path(explicit)
+        if not _is_tokenizer_dir(p):
+            raise FileNotFoundError(f"tokenizer folder {p}: expected vocab.json and merges.txt in it")
+        return CLIPTokenizer.from_pretrained(str(p), local_files_only=True)
+    if near is not None:
+        p = near / "tokenizer"
+        if _is_tokenizer_dir(p):
+            return CLIPTokenizer.from_pretrained(str(p), local_files_only=True)
+        tried.append(str(p))
+    try:
+        return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_REPO, local_files_only=True)
+    except Exception:
+        tried.append(f"the local Hugging Face cache of {CLIP_TOKENIZER_REPO}")
+    raise FileNotFoundError(
+        "no CLIP tokenizer found (a single-file SD checkpoint carries none); tried "
+        + "; ".join(tried)
+        + f". Pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. the tokenizer/ "
+        f"folder of any SD v1 diffusers copy) or set {TOKENIZER_ENV}."
+    )
+
+
+# ------------------------------------------------------------------------------ load
+def load_sd(
+    path: PathLike,
+    *,
+    tokenizer: Optional[PathLike] = None,
+    config_dir: Optional[PathLike] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusion:
+    """Load an SD v1-style model from a single file or a diffusers folder (see module doc).
+
+    :param tokenizer: a folder with vocab.json + merges.txt (overrides the folder's own).
+    :param config_dir: network configs for a single file (default: the carried SD v1 ones).
+    """
+    path = Path(path)
+    if path.is_dir():
+        sd = _load_diffusers_folder(path, tokenizer)
+    elif path.is_file():
+        sd = _load_single_file(path, tokenizer, config_dir)
+    else:
+        raise FileNotFoundError(f"Stable Diffusion model not found: {path} (expected a .ckpt/.safetensors file or a diffusers folder)")
+    vocab_rows = sd.text_encoder.get_input_embeddings().weight.shape[0]
+    if len(sd.tokenizer) > vocab_rows:
+        raise ValueError(f"{path}: the tokenizer has {len(sd.tokenizer)} tokens but the text encoder only {vocab_rows} embedding rows")
+    if sd.unet.config.cross_attention_dim != sd.text_width:
+        raise ValueError(
+            f"{path}: UNet cross_attention_dim {sd.unet.config.cross_attention_dim} != text encoder width {sd.text_width}"
+        )
+    for net in (sd.unet, sd.vae, sd.text_encoder):
+        net.requires_grad_(False)
+        net.eval()
+    return sd.to(device, dtype)
+
+
+def _load_single_file(path: Path, tokenizer: Optional[PathLike], config_dir: Optional[PathLike]) -> StableDiffusion:
+    configs = {name: read_config(name, config_dir) for name in NETWORKS}
+    try:
+        sched_cfg = read_config("scheduler", config_dir)
+    except FileNotFoundError:
+        sched_cfg = read_config("scheduler")
+    state = read_state_dict(path)
+    _check_sd_v1_keys(state, path)
+    converted = convert_ldm_state(state, configs)
+    del state
+    nets = {name: _build_from_state(name, configs[name], converted[name], f"{path} ({name})") for name in NETWORKS}
+    tok = load_tokenizer(tokenizer, near=path.parent)
+    return StableDiffusion(
+        nets["unet"], nets["vae"], nets["text_encoder"], tok,
+        schedule_from_config(sched_cfg, str(path)), int(sched_cfg.get("steps_offset", 1)), str(path),
+    )
+
+
+def _load_diffusers_folder(path: Path, tokenizer: Optional[PathLike]) -> StableDiffusion:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    missing = [f"{n}/config.json" for n in NETWORKS if not (path / n / "config.json").is_file()]
+    if tokenizer is None and not _is_tokenizer_dir(path / "tokenizer"):
+        missing.append("tokenizer/vocab.json + merges.txt")
+    if missing:
+        raise FileNotFoundError(f"{path} is not a diffusers-format SD folder: missing {', '.join(missing)}")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(path / "vae"), local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise ValueError(f"cannot load the diffusers folder {path}: {e}") from None
+    tok = load_tokenizer(tokenizer if tokenizer is not None else path / "tokenizer")
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else read_config("scheduler")
+    return StableDiffusion(
+        unet, vae, text_encoder, tok,
+        schedule_from_config(sched_cfg, str(sched_file)), int(sched_cfg.get("steps_offset", 1)), str(path),
+    )
