@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 # (group module) in the order they appear in --help.
 GROUPS = [
     "difflab.digits.commands",
+    "difflab.clip.commands",
 ]
 
 
