@@ -290,11 +290,20 @@ def convert_ldm_state(state: Dict[str, Tensor], configs: Dict[str, Dict[str, Any
     unet = convert_ldm_unet_checkpoint(state, configs["unet"])
     vae = convert_ldm_vae_checkpoint(state, configs["vae"])
     clip = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_PREFIXES["text_encoder"])})
-    # Checkpoints made with old transformers lack the 'text_model.' level; position_ids
-    # is a non-persistent buffer in current transformers.
+    # Written with the 'text_model.' level that SD v1 files have; position_ids is a
+    # non-persistent buffer in current transformers.
     clip = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()}
     clip.pop("text_model.embeddings.position_ids", None)
     return {"unet": unet, "vae": vae, "text_encoder": clip}
+
+
+def fit_clip_keys(state: Dict[str, Tensor], model: Any) -> Dict[str, Tensor]:
+    """Match the 'text_model.' level to the installed transformers: CLIPTextModel has it
+    in transformers 4.x and not in 5.x."""
+    nested = any(k.startswith("text_model.") for k in model.state_dict())
+    if nested:
+        return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 def _build_from_state(name: str, config: Dict[str, Any], state: Dict[str, Tensor], source: str):
@@ -305,6 +314,7 @@ def _build_from_state(name: str, config: Dict[str, Any], state: Dict[str, Tensor
 
         cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
         model = CLIPTextModel(CLIPTextConfig(**cfg))
+        state = fit_clip_keys(state, model)
         assign = False
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -325,6 +335,20 @@ def _is_tokenizer_dir(path: Path) -> bool:
     return path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
 
 
+def _cached_tokenizer_dir(repo: str) -> Optional[Path]:
+    """The snapshot folder of ``repo`` in the local HF cache when it holds the tokenizer
+    files (a cache lookup only: nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [try_to_load_from_cache(repo, name) for name in ("vocab.json", "merges.txt")]
+    except Exception:
+        return None
+    if all(isinstance(f, str) for f in found) and Path(found[0]).parent == Path(found[1]).parent:
+        return Path(found[0]).parent
+    return None
+
+
 def load_tokenizer(path: Optional[PathLike], near: Optional[Path] = None):
     """A CLIPTokenizer, from the first of: ``path``; ``$DIFFLAB_SD_TOKENIZER``;
     ``tokenizer/`` beside the checkpoint (``near``); the local Hugging Face cache of
@@ -343,10 +367,10 @@ def load_tokenizer(path: Optional[PathLike], near: Optional[Path] = None):
         if _is_tokenizer_dir(p):
             return CLIPTokenizer.from_pretrained(str(p), local_files_only=True)
         tried.append(str(p))
-    try:
-        return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_REPO, local_files_only=True)
-    except Exception:
-        tried.append(f"the local Hugging Face cache of {CLIP_TOKENIZER_REPO}")
+    cached = _cached_tokenizer_dir(CLIP_TOKENIZER_REPO)
+    if cached is not None:
+        return CLIPTokenizer.from_pretrained(str(cached), local_files_only=True)
+    tried.append(f"the local Hugging Face cache of {CLIP_TOKENIZER_REPO}")
     raise FileNotFoundError(
         "no CLIP tokenizer found (a single-file SD checkpoint carries none); tried "
         + "; ".join(tried)

@@ -123,9 +123,9 @@ def add_concept(sd, token: str, vectors: Tensor, trainable: bool = False) -> nn.
         )
     names = token_names(token, vectors.shape[0])
     vocab = sd.tokenizer.get_vocab()
-    taken = [n for n in names if n in vocab]
+    taken = [n for n in names if n in vocab or n + "</w>" in vocab]  # '</w>': a whole word in CLIP's BPE
     if taken:
-        raise ValueError(f"token {taken[0]!r} is already in the tokenizer; choose a new token name")
+        raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new token name")
     added = sd.tokenizer.add_tokens(names)
     if added != len(names):
         raise ValueError(f"the tokenizer added {added} of the tokens {names}")

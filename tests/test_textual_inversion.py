@@ -1,0 +1,200 @@
+"""Textual inversion on a tiny random SD-format model: only the new rows learn."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflab.personalize import textual_inversion as ti
+from difflab.personalize.sd import load_sd
+from difflab.personalize.tiny import save_tiny_sd
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny networks run fastest single-threaded (many small ops; two threads
+    contend badly with any other load on a 2-core machine). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd", seed=1)
+
+
+@pytest.fixture()
+def concept_dir(tmp_path):
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):  # non-square, so the centre crop matters
+        Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(folder / f"{k:02d}.png")
+    return folder
+
+
+def cfg_for(model_dir, concept_dir, out, **kw):
+    base = dict(sd=str(model_dir), concept_dir=str(concept_dir), token="<new1>", init_word="dog", out=str(out),
+                steps=3, batch_size=2, lr=5e-2, weight_decay=0.1, save_every=100, device="cpu", quiet=True)
+    base.update(kw)
+    return ti.TrainConfig(**base)
+
+
+def snapshot(sd):
+    return {f"{name}.{k}": v.detach().clone()
+            for name, net in (("unet", sd.unet), ("vae", sd.vae), ("text", sd.text_encoder))
+            for k, v in net.state_dict().items()}
+
+
+def test_only_new_rows_change(model_dir, concept_dir, tmp_path, monkeypatch):
+    """AdamW with weight decay: every other parameter and embedding row is bit-identical."""
+    sd = load_sd(model_dir)
+    other = torch.randn(2, sd.text_width, generator=torch.Generator().manual_seed(3))
+    ti.save_embedding(tmp_path / "other.safetensors", "<other>", other)
+    before = snapshot(sd)
+    base_rows = sd.text_encoder.get_input_embeddings().weight.detach().clone()
+
+    given = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(params, **kw):
+        params = list(params)
+        given.extend(params)
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    losses = []
+    real_loss = ti.__dict__.get("ddpm_loss")
+    import difflab.schedule as schedule
+
+    orig = schedule.ddpm_loss
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        losses.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(schedule, "ddpm_loss", spy)
+    out = tmp_path / "new1.safetensors"
+    ti.train_textual_inversion(
+        cfg_for(model_dir, concept_dir, out, num_vectors=2, embeddings=[str(tmp_path / "other.safetensors")]), sd=sd
+    )
+    assert real_loss is None
+    emb = sd.concepts
+    new = emb.concept("<new1>")
+    assert len(given) == 1 and given[0] is new and tuple(new.shape) == (2, sd.text_width)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    after = snapshot(sd)
+    # the text encoder's state now also holds the concept rows; every original entry is unchanged
+    for k, v in before.items():
+        key = k.replace("text.embeddings.token_embedding.", "text.embeddings.token_embedding.base.").replace(
+            "text.text_model.embeddings.token_embedding.", "text.text_model.embeddings.token_embedding.base.")
+        assert torch.equal(after[key], v), k
+    assert torch.equal(emb.base.weight, base_rows)
+    assert torch.equal(emb.concept("<other>").detach(), other)
+    init = base_rows[sd.tokenizer("dog", add_special_tokens=False).input_ids[0]]
+    assert not torch.equal(new.detach()[0], init) and not torch.equal(new.detach()[1], init)
+    saved = ti.read_embedding_file(out)
+    assert list(saved) == ["<new1>"] and torch.equal(saved["<new1>"], new.detach().float())
+
+
+def test_lookup_splices_new_rows(model_dir):
+    sd = load_sd(model_dir)
+    vec = torch.randn(3, sd.text_width)
+    ti.add_concept(sd, "<tok>", vec)
+    prompt = sd.concepts.expand_prompt("a photo of <tok> on a sign")
+    assert prompt == "a photo of <tok> <tok>_1 <tok>_2 on a sign"
+    ids = sd.tokenizer(prompt, return_tensors="pt").input_ids
+    rows = sd.text_encoder.get_input_embeddings()(ids)[0]
+    new_ids = sd.tokenizer.convert_tokens_to_ids(["<tok>", "<tok>_1", "<tok>_2"])
+    base = sd.concepts.base.weight
+    for pos, i in enumerate(ids[0].tolist()):
+        expected = vec[new_ids.index(i)] if i in new_ids else base[i]
+        assert torch.equal(rows[pos], expected)
+    # the same prompt expansion as diffusers' multi-vector loader (test oracle)
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    assert TextualInversionLoaderMixin._maybe_convert_prompt(None, "a photo of <tok> on a sign", sd.tokenizer) == prompt
+
+
+def test_embedding_file_is_diffusers_format(model_dir, tmp_path):
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+    from safetensors.torch import load_file
+
+    sd = load_sd(model_dir)
+    vec = torch.randn(2, sd.text_width)
+    ti.save_embedding(tmp_path / "e.safetensors", "<new2>", vec)
+    tokens, embs = TextualInversionLoaderMixin._retrieve_tokens_and_embeddings([None], [load_file(str(tmp_path / "e.safetensors"))], sd.tokenizer)
+    tokens, embs = TextualInversionLoaderMixin._extend_tokens_and_embeddings(tokens, embs, sd.tokenizer)
+    assert tokens == ti.token_names("<new2>", 2) == ["<new2>", "<new2>_1"]
+    assert all(torch.equal(a, b) for a, b in zip(embs, vec))
+
+
+def test_resume_continues_exactly(model_dir, concept_dir, tmp_path):
+    straight = tmp_path / "a" / "e.safetensors"
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, straight, steps=4), sd=load_sd(model_dir))
+    split = tmp_path / "b" / "e.safetensors"
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, split, steps=2), sd=load_sd(model_dir))
+    state = ti.state_path(split)
+    assert state.is_file()
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, split, steps=4, resume=str(state)), sd=load_sd(model_dir))
+    a, b = ti.read_embedding_file(straight)["<new1>"], ti.read_embedding_file(split)["<new1>"]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="holds token '<new1>'"):
+        ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "c.safetensors", token="<x>", resume=str(state)), sd=load_sd(model_dir))
+
+
+def test_snapshots_and_validation_images(model_dir, concept_dir, tmp_path):
+    out = tmp_path / "run" / "e.safetensors"
+    ti.train_textual_inversion(
+        cfg_for(model_dir, concept_dir, out, steps=2, save_every=1, validation_prompt="a <new1> on a bench",
+                validation_every=2, validation_images=2, validation_steps=2, property="style"),
+        sd=load_sd(model_dir),
+    )
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["e-step000001.safetensors", "e-validation", "e.safetensors", "e.state.safetensors"]
+    grid = Image.open(out.parent / "e-validation" / "step000002.png")
+    assert grid.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+
+def test_bad_inputs_fail_before_writing(model_dir, tmp_path):
+    out = tmp_path / "out" / "e.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"empty has no images"):
+        ti.train_textual_inversion(cfg_for(model_dir, empty, out))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.new("RGB", (8, 8)).save(broken / "00.png")
+    (broken / "01.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(ValueError, match=r"cannot read image .*01\.jpg"):
+        ti.train_textual_inversion(cfg_for(model_dir, broken, out))
+    with pytest.raises(FileNotFoundError, match="missing-folder"):
+        ti.train_textual_inversion(cfg_for(model_dir, tmp_path / "missing-folder", out))
+    assert not (tmp_path / "out").exists()
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    Image.new("RGB", (8, 8)).save(ok / "00.png")
+    with pytest.raises(ValueError, match="already in the tokenizer's vocabulary"):
+        ti.train_textual_inversion(cfg_for(model_dir, ok, out, token="dog"))
+    with pytest.raises(ValueError, match="--num-vectors"):
+        ti.train_textual_inversion(cfg_for(model_dir, ok, out, init_word="photo of"))
+    with pytest.raises(ValueError, match="--property"):
+        ti.train_textual_inversion(cfg_for(model_dir, ok, out, property="texture"))
+    assert not out.exists()
+
+
+def test_cli_train(model_dir, concept_dir, tmp_path):
+    import argparse
+
+    from difflab.personalize.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="group"))
+    out = tmp_path / "cli.safetensors"
+    args = parser.parse_args(["ti", "train", "--sd", str(model_dir), "--concept-dir", str(concept_dir), "--token", "<c>",
+                              "--init-word", "cat", "--out", str(out), "--steps", "1", "--batch-size", "1", "--device", "cpu", "--quiet"])
+    assert args.func(args) == 0
+    assert tuple(ti.read_embedding_file(out)["<c>"].shape) == (1, 32)
