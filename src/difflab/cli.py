@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 GROUPS = [
     "difflab.digits.commands",
     "difflab.clip.commands",
+    "difflab.faces.commands",
 ]
 
 

@@ -1,0 +1,219 @@
+"""Problem 2: DDIM generation with the course face UNet from given noise files.
+
+``FaceSampling`` holds the recipe; its defaults are the one in
+``../shared/specs/face_unet.md`` that matched the course's ground-truth images:
+50 uniform steps 981, 961, ..., 1 (offset 1), eta 0, the last step landing on t=0 with
+alpha_bar[0], x0 clipped to [-1, 1] (direction term keeps the predicted eps), and each
+image min-max normalised to [0, 1] before saving with ``save_image`` rounding.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from difflab.imageio import minmax_normalize, save_png
+from difflab.sampling import Denoiser, ddim_sample, ddim_timesteps
+from difflab.schedule import NoiseSchedule
+
+PathLike = Union[str, os.PathLike]
+NORMALIZE = ("minmax", "clamp")
+
+
+@dataclass(frozen=True)
+class FaceSampling:
+    """The DDIM recipe. Defaults reproduce the course's ground truth (see module doc)."""
+
+    steps: int = 50
+    eta: float = 0.0
+    offset: int = 1
+    clip_x0: Optional[float] = 1.0
+    last_prev: int = 0  # 0: last step lands on t=0 (alpha_bar[0]); -1: on the clean image (alpha_bar=1)
+    normalize: str = "minmax"
+    num_train_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if self.last_prev not in (-1, 0):
+            raise ValueError(f"last_prev must be 0 (alpha_bar[0]) or -1 (alpha_bar = 1), got {self.last_prev!r}")
+        if self.clip_x0 is not None and not self.clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0!r}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+        self.timesteps()  # validates steps/offset
+
+    def timesteps(self) -> Tensor:
+        ts = ddim_timesteps(self.num_train_steps, self.steps, self.offset)
+        if self.last_prev >= int(ts[-1]):
+            raise ValueError(
+                f"offset {self.offset} puts the last step at t={int(ts[-1])}, which cannot step to last_prev={self.last_prev}; "
+                "use last_prev -1 (land on the clean image) with offset 0"
+            )
+        return ts
+
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.linear(self.num_train_steps)
+
+
+def load_noise(path: PathLike) -> Tensor:
+    """One noise file -> a [3, H, W] float32 tensor. Accepts [1, 3, H, W] or [3, H, W]."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing noise file: {path}") from None
+    except Exception as e:
+        raise ValueError(f"{path}: expected a tensor saved with torch.save, cannot read it ({type(e).__name__})") from None
+    if not isinstance(obj, Tensor):
+        raise ValueError(f"{path}: expected a [1, 3, H, W] or [3, H, W] float tensor, got a {type(obj).__name__}")
+    if not obj.is_floating_point():
+        raise ValueError(f"{path}: expected a float tensor, got dtype {obj.dtype}")
+    shape = tuple(obj.shape)
+    if obj.ndim == 4 and shape[0] == 1:
+        obj = obj[0]
+    if obj.ndim != 3 or obj.shape[0] != 3 or obj.shape[1] < 1 or obj.shape[2] < 1:
+        raise ValueError(f"{path}: expected a [1, 3, H, W] or [3, H, W] float tensor, got shape {list(shape)}")
+    if not bool(torch.isfinite(obj).all()):
+        raise ValueError(f"{path}: noise contains NaN or infinite values")
+    return obj.float().contiguous()
+
+
+def load_noise_dir(folder: PathLike, names: Optional[Sequence[str]] = None) -> tuple[list[str], Tensor]:
+    """Read and validate every ``*.pt`` in ``folder`` (or the given stems) before any
+    sampling starts. Returns the stems (sorted) and a [N, 3, H, W] batch."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"noise folder not found: {folder}")
+    if names is None:
+        files = sorted(p for p in folder.glob("*.pt") if p.is_file())
+        if not files:
+            raise ValueError(f"{folder}: no noise files (*.pt) in this folder")
+    else:
+        files = [folder / f"{n}.pt" for n in names]
+    noises = [load_noise(f) for f in files]
+    first = tuple(noises[0].shape)
+    for f, z in zip(files, noises):
+        if tuple(z.shape) != first:
+            raise ValueError(f"{f}: shape {list(z.shape)} differs from {files[0].name}'s {list(first)}; all noises must share one size")
+    return [f.stem for f in files], torch.stack(noises)
+
+
+def to_image(x: Tensor, normalize: str) -> Tensor:
+    """Map DDIM output in [-1, 1] (roughly) to [0, 1] for saving, per image."""
+    if normalize == "minmax":
+        return minmax_normalize(x.float())
+    if normalize == "clamp":
+        return ((x.float() + 1) / 2).clamp(0, 1)
+    raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+
+
+def sample_faces(
+    denoiser: Denoiser,
+    noise: Tensor,
+    recipe: FaceSampling = FaceSampling(),
+    *,
+    eta: Optional[float] = None,
+    batch_size: int = 10,
+    device: Union[str, torch.device] = "cpu",
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+) -> Tensor:
+    """DDIM from each noise in ``noise`` [N, 3, H, W]; returns [N, 3, H, W] images in
+    [0, 1] on the CPU (after ``recipe.normalize``).
+
+    ``eta`` overrides ``recipe.eta``. With eta > 0 the per-step noise comes from
+    ``generator``, batch by batch, so outputs depend on the seed and the batch size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    eta = recipe.eta if eta is None else eta
+    schedule = recipe.schedule()
+    timesteps = recipe.timesteps()
+    out = []
+    starts = range(0, noise.shape[0], batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=noise.shape[0] * len(timesteps), desc="DDIM", unit="step·img")
+    with torch.inference_mode():
+        for s in starts:
+            x_T = noise[s : s + batch_size].to(device=device, dtype=torch.float32)
+            n = x_T.shape[0]
+            cb = (lambda i, t, x, x0: bar.update(n)) if bar is not None else None
+            x0 = ddim_sample(
+                denoiser, schedule, x_T, timesteps, eta=eta, clip_x0=recipe.clip_x0,
+                last_prev=recipe.last_prev, generator=generator, callback=cb,
+            )
+            out.append(to_image(x0, recipe.normalize).cpu())
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
+
+
+def save_images(images: Tensor, names: Sequence[str], out_dir: PathLike) -> list[Path]:
+    """Write ``images[i]`` to ``out_dir/names[i].png``, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for img, name in zip(images, names):
+        p = out_dir / f"{name}.png"
+        save_png(img, p)
+        paths.append(p)
+    return paths
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def face_denoiser(model, device: torch.device):
+    """The face UNet on ``device`` behind the Denoiser contract (channels_last on CUDA)."""
+    from difflab.nets.face_unet import FaceDenoiser
+
+    model = model.to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return FaceDenoiser(model, channels_last=channels_last)
+
+
+def generate_dir(
+    noise_dir: PathLike,
+    out_dir: PathLike,
+    unet_path: PathLike,
+    recipe: FaceSampling = FaceSampling(),
+    *,
+    batch_size: int = 10,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Path]:
+    """The ``hw2_2.sh`` job: every ``NOISE_DIR/*.pt`` -> ``OUT/<stem>.png``.
+
+    All inputs are validated (noise files, then weights) before sampling; images are
+    written only after every sample is done, each atomically.
+    """
+    from difflab.nets.face_unet import load_face_unet
+
+    names, noise = load_noise_dir(noise_dir)
+    dev = pick_device(device)
+    model = load_face_unet(unet_path)
+    if noise.shape[-1] % model.downscale or noise.shape[-2] % model.downscale:
+        raise ValueError(
+            f"{Path(noise_dir) / (names[0] + '.pt')}: size {list(noise.shape[-2:])} is not a multiple of {model.downscale}"
+        )
+    den = face_denoiser(model, dev)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    images = sample_faces(den, noise, recipe, batch_size=batch_size, device=dev, generator=gen, progress=progress)
+    return save_images(images, names, out_dir)
