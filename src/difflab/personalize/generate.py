@@ -131,7 +131,7 @@ def initial_noise(seeds: Sequence[int], shape: Tuple[int, int, int]) -> Tensor:
 
 
 @torch.no_grad()
-def sample_images(
+def sample_latents(
     sd,
     prompt: str,
     seeds: Sequence[int],
@@ -142,10 +142,13 @@ def sample_images(
     width: Optional[int] = None,
     progress: bool = False,
 ) -> Tensor:
-    """Generate ``len(seeds)`` images of one prompt: [B, 3, H, W] in [0, 1] (float32, CPU).
+    """DDIM with classifier-free guidance for one prompt: latents [B, C, h, w] (float32).
 
-    :param guidance: SD's guidance scale s (1 = no guidance); ``guided`` gets w = s - 1.
+    :param guidance: SD's guidance scale s (1 = no guidance); ``guided`` gets w = s - 1,
+        with the empty prompt "" as the unconditional condition.
     """
+    from difflab.personalize.sd import UNetDenoiser
+
     height = height or sd.resolution
     width = width or sd.resolution
     f = sd.vae_downsample
@@ -155,12 +158,15 @@ def sample_images(
     x_T = initial_noise(seeds, (sd.latent_channels, height // f, width // f)).to(sd.device)
     cond = sd.encode_text([prompt] * b)
     uncond = sd.encode_text([""] * b)
-    from difflab.personalize.sd import UNetDenoiser
-
     denoiser = guided(UNetDenoiser(sd.unet), guidance - 1.0, uncond)
     ts = ddim_timesteps(sd.schedule.num_steps, steps, offset=sd.steps_offset)
-    latents = ddim_sample(denoiser, sd.schedule, x_T, ts, cond, eta=0.0, last_prev=0, progress=progress)
-    return sd.decode(latents).cpu()
+    return ddim_sample(denoiser, sd.schedule, x_T, ts, cond, eta=0.0, last_prev=0, progress=progress)
+
+
+@torch.no_grad()
+def sample_images(sd, prompt: str, seeds: Sequence[int], **kwargs) -> Tensor:
+    """``sample_latents`` then the VAE decoder: [B, 3, H, W] in [0, 1] (float32, CPU)."""
+    return sd.decode(sample_latents(sd, prompt, seeds, **kwargs)).cpu()
 
 
 def output_path(out: PathLike, key: str, p: int, i: int) -> Path:
