@@ -320,3 +320,14 @@ def test_slerp_keeps_the_gaussian_shell_and_lerp_shrinks_it():
         s, l = slerp(z0, z1, a).norm() / math.sqrt(d), lerp(z0, z1, a).norm() / math.sqrt(d)
         assert abs(float(s) - 1) < 0.02
         assert abs(float(l) - math.sqrt((1 - a) ** 2 + a**2)) < 0.02
+
+
+def test_recipe_errors_are_clear(setup, capsys):
+    from difflab.faces.generate import FaceSampling, sample_faces
+
+    with pytest.raises(ValueError, match="pass a torch.Generator"):
+        sample_faces(lambda x, t, c: x, torch.zeros(1, 3, 32, 32), FaceSampling(eta=0.5))
+    out = setup["root"] / "never"
+    assert cli("faces", "generate", "--noise", setup["noise_dir"], "--out", out, "--unet", setup["unet"], "--offset", "0") == 2
+    assert "use last_prev -1" in capsys.readouterr().err
+    assert not out.exists()

@@ -114,7 +114,7 @@ def _cmd_interpolate(args) -> int:
         norms = relative_norms(interpolate_noises(z0, z1, args.alphas, method))
         print(f"{method} |z|/sqrt(d): " + " ".join(f"{a:g}:{n:.3f}" for a, n in zip(args.alphas, norms)))
     rows = interpolation_rows(den, z0, z1, args.alphas, _recipe(args), device=dev, batch_size=args.batch_size,
-                              progress=not args.quiet)
+                              seed=args.seed, progress=not args.quiet)
     paths = save_interpolation(rows, args.out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -70,13 +70,18 @@ def interpolation_rows(
     *,
     device: Union[str, torch.device] = "cpu",
     batch_size: int = 11,
+    seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """DDIM images along slerp and lerp paths: {'slerp': [A,3,H,W], 'lerp': [A,3,H,W]}."""
+    """DDIM images along slerp and lerp paths: {'slerp': [A,3,H,W], 'lerp': [A,3,H,W]}.
+
+    With eta > 0 both rows draw their per-step noise from a generator seeded with ``seed``."""
     out = {}
     for method in ("slerp", "lerp"):
         z = interpolate_noises(z0, z1, alphas, method)
-        out[method] = sample_faces(denoiser, z, recipe, batch_size=batch_size, device=device, progress=progress)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        out[method] = sample_faces(denoiser, z, recipe, batch_size=batch_size, device=device, generator=gen,
+                                   progress=progress)
     return out
 
 

@@ -132,6 +132,8 @@ def sample_faces(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     eta = recipe.eta if eta is None else eta
+    if eta > 0 and generator is None:
+        raise ValueError(f"eta={eta!r} draws per-step noise: pass a torch.Generator")
     schedule = recipe.schedule()
     timesteps = recipe.timesteps()
     out = []
