@@ -16,6 +16,7 @@ GROUPS = [
     "difflab.digits.commands",
     "difflab.clip.commands",
     "difflab.faces.commands",
+    "difflab.personalize.commands",
 ]
 
 

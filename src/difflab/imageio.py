@@ -30,7 +30,7 @@ def to_uint8(img: Tensor) -> np.ndarray:
 
 def from_uint8(arr: np.ndarray) -> Tensor:
     """[H, W, C] uint8 -> [C, H, W] float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float().div_(255)
 
 
 def minmax_normalize(x: Tensor) -> Tensor:

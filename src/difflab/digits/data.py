@@ -1,0 +1,172 @@
+"""The course's digit data layout and a dataset-balanced batch sampler.
+
+Layout (``hw2_data/digits``)::
+
+    {mnistm,svhn}/train.csv      image_name,label
+    {mnistm,svhn}/data/*.png     28x28 RGB
+
+Decoded images are cached as one ``.npz`` per dataset under ``cache_dir``; the cache
+key is a fingerprint of the csv bytes and every listed image's name, size and mtime,
+so any change to the folder invalidates it.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+DATASETS = ("mnistm", "svhn")
+IMAGE_SIZE = 28
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class DigitSet:
+    """All images of one dataset in memory: ``images`` [N, 28, 28, 3] uint8, ``labels`` [N] int64."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab"))
+
+
+def read_csv(csv_path: Path) -> list[tuple[str, int]]:
+    """Parse ``image_name,label`` rows; labels must be integers in 0..9."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"missing label file: {csv_path} (expected 'image_name,label' rows)")
+    rows: list[tuple[str, int]] = []
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
+            raise ValueError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{csv_path}:{lineno}: expected 'image_name,label', got {row!r}")
+            name, label = row[0].strip(), row[1].strip()
+            try:
+                value = int(label)
+            except ValueError:
+                raise ValueError(f"{csv_path}:{lineno}: label {label!r} of {name} is not an integer") from None
+            if not 0 <= value <= 9:
+                raise ValueError(f"{csv_path}:{lineno}: label {value} of {name} is outside 0-9")
+            rows.append((name, value))
+    if not rows:
+        raise ValueError(f"{csv_path}: no images listed")
+    return rows
+
+
+def _fingerprint(csv_path: Path, data_dir: Path, rows: Sequence[tuple[str, int]]) -> str:
+    h = hashlib.sha256(csv_path.read_bytes())
+    for name, _ in rows:
+        p = data_dir / name
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"missing image {p} (listed in {csv_path})") from None
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    if arr.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(
+            f"image {path} is {arr.shape[0]}x{arr.shape[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
+        )
+    return arr
+
+
+def load_digit_set(root: PathLike, name: str, cache_dir: Optional[PathLike] = None, progress: bool = True) -> DigitSet:
+    """Load ``root/name`` (course layout) into memory, using the decoded-image cache."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    base = Path(root) / name
+    csv_path, data_dir = base / "train.csv", base / "data"
+    rows = read_csv(csv_path)
+    key = _fingerprint(csv_path, data_dir, rows)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"digits-{name}-{key}.npz"
+    if cache_file.is_file():
+        try:
+            with np.load(cache_file) as z:
+                return DigitSet(name, z["images"], z["labels"])
+        except Exception:
+            pass  # a damaged cache is rebuilt below
+    from tqdm.auto import tqdm
+
+    images = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i, (img_name, _) in enumerate(tqdm(rows, desc=f"decoding {name}", disable=not progress, leave=False)):
+        images[i] = _decode(data_dir / img_name)
+    labels = np.array([label for _, label in rows], dtype=np.int64)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, images=images, labels=labels)
+        from difflab.imageio import atomic_path
+
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(buf.getvalue())
+        for old in cache.glob(f"digits-{name}-*.npz"):
+            if old != cache_file:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass  # caching is an optimisation only
+    return DigitSet(name, images, labels)
+
+
+class BalancedDigits:
+    """Both datasets in memory, sampled so that each batch draws each dataset with
+    probability ``1 / len(sets)`` regardless of their sizes.
+
+    ``batch(step, ...)`` is a pure function of (seed, step, rank): resuming at a step
+    reproduces exactly the batches an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, sets: Sequence[DigitSet]):
+        self.sets = list(sets)
+        self.images = [torch.from_numpy(s.images) for s in self.sets]
+        self.labels = [torch.from_numpy(s.labels) for s in self.sets]
+
+    @classmethod
+    def from_root(cls, root: PathLike, cache_dir: Optional[PathLike] = None, progress: bool = True) -> "BalancedDigits":
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"digit data folder not found: {root} (expected mnistm/ and svhn/ inside)")
+        return cls([load_digit_set(root, name, cache_dir, progress) for name in DATASETS])
+
+    def batch(self, generator: torch.Generator, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw a batch: images [B,3,28,28] float in [-1, 1], digit [B], dataset [B]."""
+        which = torch.randint(len(self.sets), (batch_size,), generator=generator)
+        xs, ds = [], []
+        for k in range(len(self.sets)):
+            n = int((which == k).sum())
+            idx = torch.randint(len(self.labels[k]), (n,), generator=generator)
+            xs.append(self.images[k][idx])
+            ds.append(self.labels[k][idx])
+        x = torch.cat(xs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        digit = torch.cat(ds)
+        dataset = torch.sort(which).values
+        return x, digit, dataset

@@ -1,0 +1,1 @@
+"""Networks only: no sampling, no data."""
