@@ -6,7 +6,6 @@ diffusers conversion the product uses), then checks that loading gives back exac
 the same weights.
 """
 import json
-import os
 import socket
 
 import pytest

@@ -65,7 +65,6 @@ def test_only_new_rows_change(model_dir, concept_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
     losses = []
-    real_loss = ti.__dict__.get("ddpm_loss")
     import difflab.schedule as schedule
 
     orig = schedule.ddpm_loss
@@ -80,7 +79,6 @@ def test_only_new_rows_change(model_dir, concept_dir, tmp_path, monkeypatch):
     ti.train_textual_inversion(
         cfg_for(model_dir, concept_dir, out, num_vectors=2, embeddings=[str(tmp_path / "other.safetensors")]), sd=sd
     )
-    assert real_loss is None
     emb = sd.concepts
     new = emb.concept("<new1>")
     assert len(given) == 1 and given[0] is new and tuple(new.shape) == (2, sd.text_width)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HW2_DATA, requires_shared
 
 from difflab.personalize import generate as gen
 from difflab.personalize.sd import load_sd
@@ -186,3 +187,17 @@ def test_hw2_3_sh_calls_ti_generate(tmp_path):
     assert run.returncode == 0 and run.stdout.split("--") == ["ti generate ", "json in put.json ", "out out dir ", "sd sd.ckpt\n"]
     run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), "only-one"], env=env, capture_output=True, text=True)
     assert run.returncode == 2 and "usage" in run.stderr
+
+
+@requires_shared
+def test_course_input_json_and_concept_images():
+    ti_dir = HW2_DATA / "textual_inversion"
+    from difflab.personalize.textual_inversion import list_concept_images, load_concept_image
+
+    concepts = gen.read_prompt_json(ti_dir / "input.json")
+    assert [(c.key, c.token, len(c.prompts)) for c in concepts] == [("0", "<new1>", 2), ("1", "<new2>", 2)]
+    for key, count in (("0", 5), ("1", 4)):
+        files = list_concept_images(ti_dir / key)
+        assert len(files) == count
+        img = load_concept_image(files[0], 64)
+        assert img.shape == (3, 64, 64) and -1 <= img.min() < img.max() <= 1

@@ -16,12 +16,11 @@ prompts to ``tok tok_1 ... tok_{n-1}`` (diffusers' naming for multi-vector token
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
