@@ -125,6 +125,7 @@ def tiny(tmp_path_factory):
     folder = save_tiny_sd(root / "diffusers", seed=0)
     ref = load_sd(folder)
     state = {k: v.clone() for k, v in to_compvis(ref.unet, ref.vae, ref.text_encoder).items()}
+    state["betas"] = ref.schedule.betas.float()  # CompVis files carry their training schedule
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(root / "model.safetensors"))
@@ -181,6 +182,11 @@ def test_no_network_access(tiny, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: refuse(None, *a))
     load_sd(folder)
     load_sd(root / "model.ckpt", config_dir=folder, tokenizer=folder / "tokenizer")
+    # the tokenizer search (including the local HF cache lookup) stays offline too
+    monkeypatch.setattr(sdmod, "CLIP_TOKENIZER_REPO", "difflab-test/no-such-tokenizer")
+    monkeypatch.delenv(sdmod.TOKENIZER_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="no CLIP tokenizer found"):
+        load_sd(root / "model.ckpt", config_dir=folder)
     assert calls == []
 
 
@@ -233,6 +239,11 @@ def test_not_sd_v1_errors_name_the_file(tiny, tmp_path):
     # the tiny checkpoint against the carried full-size SD v1 configs: shapes disagree
     with pytest.raises(ValueError, match=r"model\.safetensors \(unet\) is not a Stable Diffusion v1 checkpoint.*shape conflicts"):
         load_sd(root / "model.safetensors", tokenizer=folder / "tokenizer")
+    state = sdmod.read_state_dict(root / "model.safetensors")
+    state["betas"] = torch.linspace(1e-4, 2e-2, 1000)
+    save_file(state, str(tmp_path / "other_schedule.safetensors"))
+    with pytest.raises(ValueError, match=r"other_schedule\.safetensors: the betas stored in the checkpoint differ"):
+        load_sd(tmp_path / "other_schedule.safetensors", config_dir=folder, tokenizer=folder / "tokenizer")
     garbage = tmp_path / "broken.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match=r"broken\.ckpt"):

@@ -422,12 +422,21 @@ def _load_single_file(path: Path, tokenizer: Optional[PathLike], config_dir: Opt
     state = read_state_dict(path)
     _check_sd_v1_keys(state, path)
     converted = convert_ldm_state(state, configs)
+    betas = state.get("betas")
     del state
     nets = {name: _build_from_state(name, configs[name], converted[name], f"{path} ({name})") for name in NETWORKS}
+    schedule = schedule_from_config(sched_cfg, str(path))
+    if isinstance(betas, Tensor) and betas.shape == schedule.betas.shape:
+        # CompVis checkpoints store their training betas: they must agree with the config.
+        if not torch.allclose(betas.double(), schedule.betas, rtol=1e-4, atol=1e-7):
+            raise ValueError(
+                f"{path}: the betas stored in the checkpoint differ from the scheduler config "
+                f"(first/last {float(betas[0]):.6g}/{float(betas[-1]):.6g} vs {float(schedule.betas[0]):.6g}/{float(schedule.betas[-1]):.6g})"
+            )
     tok = load_tokenizer(tokenizer, near=path.parent)
     return StableDiffusion(
         nets["unet"], nets["vae"], nets["text_encoder"], tok,
-        schedule_from_config(sched_cfg, str(path)), int(sched_cfg.get("steps_offset", 1)), str(path),
+        schedule, int(sched_cfg.get("steps_offset", 1)), str(path),
     )
 
 
