@@ -9,8 +9,9 @@ SHARED = Path(os.environ.get("DIFFLAB_SHARED", REPO.parent / "shared"))
 HW2_DATA = SHARED / "hw2_data"
 EVALUATORS = SHARED / "evaluators"
 
-# Tests are CPU-only and small; two threads match the project's machines.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests are CPU-only and use tiny networks, for which one thread is fastest (thread
+# start-up dominates, and the machines are often shared with a background job).
+torch.set_num_threads(1)
 
 requires_shared = pytest.mark.skipif(
     not HW2_DATA.is_dir(), reason=f"../shared/hw2_data not present at {HW2_DATA} (set DIFFLAB_SHARED)"
