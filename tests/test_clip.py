@@ -431,3 +431,22 @@ def test_real_vit_b_32_config_forward(tmp_path):
     x = c.image_features([random_image(np.random.default_rng(0), 50, 70)])
     t = c.text_features(["A photo of willow tree."])
     assert x.shape == (1, 512) and t.shape == (1, 512) and torch.isfinite(x).all() and torch.isfinite(t).all()
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from difflab.clip import commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    group = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["clip"]
+    subs = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subs) == {"score", "zeroshot"}
+    for name, p in subs.items():
+        for a in p._actions:
+            if a.option_strings and a.dest != "help":
+                assert a.help, f"clip {name} {a.option_strings} has no help"
+    # commands.py imports nothing heavy at module level (difflab --help stays fast)
+    src = Path(commands.__file__).read_text().split("def _score")[0]
+    assert "import torch" not in src and "transformers" not in src

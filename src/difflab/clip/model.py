@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from PIL import Image
@@ -170,5 +170,3 @@ def load_clip(path: PathLike, device: str | torch.device | None = "auto") -> Cli
     model = model.to(dev).float().eval()
     return Clip(model=model, image_processor=processor, tokenizer=tokenizer, device=dev, path=path)
 
-
-ClipLoader = Callable[[PathLike], Clip]

@@ -99,12 +99,9 @@ def save_random_clip(folder: PathLike, size: str = "tiny", seed: int = 0) -> Pat
     folder = Path(folder)
     vocab_size = write_byte_tokenizer(folder)
     config = clip_config(size, vocab_size)
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG; keep the caller's intact
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()
-    finally:
-        torch.random.set_rng_state(state)
     model.save_pretrained(folder, safe_serialization=True)
     # The layout of the released openai/clip-vit-base-patch32 preprocessor_config.json (legacy
     # feature-extractor keys): shortest side 224, bicubic (PIL resample 3), centre crop 224.
