@@ -221,6 +221,13 @@ def test_cli_generate_and_figures(tiny_model_dir, tmp_path, capsys):
     assert grid.size == (10 * 30 + 2, 10 * 30 + 2)
     strip = Image.open(tmp_path / "f" / "reverse_mnistm.png")
     assert strip.size == (6 * 30 + 2, 32)
+    assert Image.open(tmp_path / "f" / "eta_grid_svhn.png").size == (4 * 30 + 2, 5 * 30 + 2)
+    interp = np.asarray(Image.open(tmp_path / "f" / "interpolation_mnistm.png"), dtype=int)
+    assert interp.shape == (2 * 30 + 2, 11 * 30 + 2, 3)
+    # alpha = 0 and alpha = 1 are the same noises on both rows, so the end tiles agree.
+    for col in (0, 10):
+        x = slice(2 + 30 * col, 30 + 30 * col)
+        assert np.abs(interp[2:30, x] - interp[32:60, x]).max() <= 1
     rc = main(["digits", "generate", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

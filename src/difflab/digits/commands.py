@@ -78,10 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.set_defaults(func=_evaluate)
 
-    f = s.add_parser("figures", help="report figures: 10x10 grids per dataset and the reverse process of a '0'",
+    f = s.add_parser("figures", help="report figures: 10x10 grids, the reverse process of a '0', eta grid and slerp/lerp rows per dataset",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f.add_argument("--ckpt", default=None, help="model folder, run folder or model.safetensors (default: the shipped model)")
-    f.add_argument("--out", required=True, help="folder for grid_mnistm.png, grid_svhn.png, reverse_mnistm.png, reverse_svhn.png")
+    f.add_argument("--out", required=True, help="folder for grid_*.png, reverse_*.png, eta_grid_*.png (digits 0-3 x eta 0..1) and "
+                   "interpolation_*.png (an 8 along slerp, then lerp, alpha 0..1), * = mnistm, svhn")
     _sampling_args(f, sc)
     f.set_defaults(func=_figures)
 

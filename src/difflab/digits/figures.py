@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Union
 
@@ -10,6 +11,7 @@ import torch
 from difflab.digits.data import DATASETS
 from difflab.digits.generate import SampleConfig, generate_images, sample_digits
 from difflab.imageio import make_grid, save_grid, save_png
+from difflab.interpolation import lerp, slerp
 from difflab.nets.digit_unet import DigitUNet
 from difflab.sampling import ddim_timesteps
 from difflab.schedule import NoiseSchedule
@@ -58,6 +60,31 @@ def reverse_process(net: DigitUNet, schedule: NoiseSchedule, dataset: int, cfg: 
     return make_grid((strip + 1) / 2, nrow=len(times))
 
 
+ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def eta_grid(net: DigitUNet, schedule: NoiseSchedule, dataset: int, cfg: SampleConfig, etas=ETAS) -> torch.Tensor:
+    """Problem 2's eta grid on the digit model: columns are digits 0-3 (noises 0-3), rows eta."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn((4, 3, 28, 28), generator=g)
+    digits, datasets = torch.arange(4), torch.full((4,), dataset)
+    rows = [sample_digits(net, schedule, digits, datasets, noise, replace(cfg, eta=float(e))).float().cpu() for e in etas]
+    return make_grid((torch.cat(rows) + 1) / 2, nrow=4)
+
+
+def interpolation(net: DigitUNet, schedule: NoiseSchedule, dataset: int, digit: int, cfg: SampleConfig, alphas=ALPHAS) -> torch.Tensor:
+    """Problem 2's interpolation on the digit model: noises 0 and 1 of the seed, slerp row above lerp row."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    z0, z1 = torch.randn((2, 1, 3, 28, 28), generator=g)
+    rows = []
+    for fn in (slerp, lerp):
+        z = torch.cat([fn(z0, z1, a) for a in alphas])
+        n = len(alphas)
+        rows.append(sample_digits(net, schedule, torch.full((n,), digit), torch.full((n,), dataset), z, cfg).float().cpu())
+    return make_grid((torch.cat(rows) + 1) / 2, nrow=len(alphas))
+
+
 def write_figures(net: DigitUNet, schedule: NoiseSchedule, out_dir: PathLike, cfg: SampleConfig) -> list[Path]:
     out = Path(out_dir)
     paths = []
@@ -67,6 +94,12 @@ def write_figures(net: DigitUNet, schedule: NoiseSchedule, out_dir: PathLike, cf
         paths.append(p)
         p = out / f"reverse_{name}.png"
         save_png(reverse_process(net, schedule, s, cfg), p)
+        paths.append(p)
+        p = out / f"eta_grid_{name}.png"
+        save_png(eta_grid(net, schedule, s, cfg), p)
+        paths.append(p)
+        p = out / f"interpolation_{name}.png"
+        save_png(interpolation(net, schedule, s, 8, cfg), p)
         paths.append(p)
     return paths
 
