@@ -242,3 +242,25 @@ def test_save_tensors_is_atomic_and_strict(tmp_path, monkeypatch):
     assert "shape conflicts" in str(e.value) and "weight" in str(e.value) and "w.safetensors" in str(e.value)
     with pytest.raises(ValueError, match="missing keys"):
         load_state_strict(torch.nn.Linear(3, 2), {"weight": loaded["weight"]}, path)
+
+
+def test_slerp_analytic_cases_and_parallel_fallback():
+    from difflab.interpolation import lerp, slerp
+
+    e0 = torch.zeros(1, 4)
+    e0[0, 0] = 1.0
+    e1 = torch.zeros(1, 4)
+    e1[0, 1] = 1.0
+    # Orthogonal unit vectors: theta = pi/2, so slerp(a) = cos(a pi/2) e0 + sin(a pi/2) e1.
+    for a in (0.0, 0.25, 0.5, 1.0):
+        expected = math.cos(a * math.pi / 2) * e0 + math.sin(a * math.pi / 2) * e1
+        assert torch.allclose(slerp(e0, e1, a), expected, atol=1e-6)
+    # Per sample: row 0 is parallel (falls back to lerp, no NaN), row 1 orthogonal.
+    z0 = torch.cat([e0, e0])
+    z1 = torch.cat([3 * e0, e1])
+    out = slerp(z0, z1, 0.5)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0], lerp(e0, 3 * e0, 0.5)[0])
+    assert torch.allclose(out[1], (e0[0] + e1[0]) / math.sqrt(2), atol=1e-6)
+    with pytest.raises(ValueError, match="equal shapes"):
+        slerp(torch.zeros(2, 3), torch.zeros(3, 2), 0.5)
