@@ -22,15 +22,6 @@ SPEC = SHARED / "specs" / "face_unet_state_dict.txt"
 requires_spec = pytest.mark.skipif(not SPEC.is_file(), reason=f"face UNet spec not present at {SPEC} (set DIFFLAB_SHARED)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small convolutions: one thread avoids OpenMP oversubscription on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read_spec():
     out = {}
     for line in SPEC.read_text().splitlines():

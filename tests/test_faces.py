@@ -53,17 +53,8 @@ def to_pixels(x: torch.Tensor, normalize="minmax") -> np.ndarray:
     return np.floor(np.clip(x.permute(1, 2, 0).numpy() * 255 + 0.5, 0, 255)).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: one thread avoids OpenMP oversubscription on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def setup(one_thread, tmp_path_factory):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faces")
     torch.manual_seed(0)
     model = FaceUNet(FaceUNetConfig.tiny(8)).eval()

@@ -16,16 +16,6 @@ from difflab.personalize.sd import UNetDenoiser, load_sd, read_config, schedule_
 from difflab.personalize.tiny import save_tiny_sd
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny networks run fastest single-threaded (many small ops; two threads
-    contend badly with any other load on a 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------ diffusers -> CompVis keys
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]

@@ -9,16 +9,6 @@ from difflab.personalize.sd import load_sd
 from difflab.personalize.tiny import save_tiny_sd
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny networks run fastest single-threaded (many small ops; two threads
-    contend badly with any other load on a 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd", seed=1)

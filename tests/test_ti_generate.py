@@ -25,15 +25,6 @@ PROMPTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest single-threaded; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
