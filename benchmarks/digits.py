@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from difflab.digits.evaluate import evaluate_folder, format_report
-from difflab.digits.generate import SampleConfig, generate_course_set, resolve_device
+from difflab.devices import resolve_device
+from difflab.digits.generate import SampleConfig, generate_course_set
 from difflab.digits.model_io import SHIPPED_DIR, load_digit_model
 
 

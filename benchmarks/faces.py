@@ -36,12 +36,13 @@ def run_one(impl: str, batch: int, args) -> dict:
     import numpy as np
     import torch
 
-    from difflab.faces.generate import FaceSampling, pick_device, sample_faces
+    from difflab.devices import resolve_device
+    from difflab.faces.generate import FaceSampling, sample_faces
     from difflab.nets.face_unet import FaceUNet
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     model = FaceUNet().eval().requires_grad_(False)  # random weights, course layout
     recipe = FaceSampling(steps=args.steps)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import torch
+
+from difflab.devices import resolve_device
 from PIL import Image
 from torch import Tensor
 
@@ -30,13 +32,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> cuda when available, else cpu; anything else is passed to torch."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_clip_folder(path: PathLike) -> Path:

@@ -123,7 +123,7 @@ def _sample_config(args):
 
 
 def _load(args, cfg):
-    from difflab.digits.generate import resolve_device
+    from difflab.devices import resolve_device
     from difflab.digits.model_io import SHIPPED_DIR, load_digit_model
 
     return load_digit_model(args.ckpt or SHIPPED_DIR, device=resolve_device(cfg.device))
@@ -160,7 +160,7 @@ def _generate(args) -> int:
 
 def _evaluate(args) -> int:
     from difflab.digits.evaluate import evaluate_folder, format_report
-    from difflab.digits.generate import resolve_device
+    from difflab.devices import resolve_device
 
     ev = _default_evaluators()
     m = args.mnistm_classifier or ev / "mnistm_classifier.pth"

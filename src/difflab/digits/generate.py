@@ -48,12 +48,6 @@ class SampleConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def null_condition(guide_on: str) -> Callable:
     """The unconditional counterpart of a (digit, dataset) condition."""
 

@@ -151,17 +151,18 @@ def train(
 
     run_dir = Path(run_dir)
     start, losses = 0, []
-    latest = latest_checkpoint(run_dir) if resume else None
-    if resume and latest is None:
+    existing = latest_checkpoint(run_dir)
+    if resume and existing is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    if not resume and existing is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick a new --out")
+    latest = existing if resume else None
     if latest is not None:
         state = load_json(latest / "state.json")
         saved = TrainConfig.from_dict(state["train_config"])
         if saved.model != cfg.model or saved.schedule != cfg.schedule:
             raise ValueError(f"--resume: {latest} was trained with a different model/schedule config")
         start, losses = int(state["step"]), list(state["losses"])
-    elif (run_dir / "checkpoints").is_dir() and latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue it or pick a new --out")
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)

@@ -86,11 +86,12 @@ def _cmd_mse(args) -> int:
 
 
 def _load(args, names):
-    from difflab.faces.generate import face_denoiser, load_noise_dir, pick_device
+    from difflab.devices import resolve_device
+    from difflab.faces.generate import face_denoiser, load_noise_dir
     from difflab.nets.face_unet import load_face_unet
 
     _, noise = load_noise_dir(args.noise, names)
-    dev = pick_device(args.device)
+    dev = resolve_device(args.device)
     den = face_denoiser(load_face_unet(args.unet), dev)
     return noise, den, dev
 

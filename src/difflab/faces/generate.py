@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+
+from difflab.devices import resolve_device
 from torch import Tensor
 
 from difflab.imageio import minmax_normalize, save_png
@@ -170,15 +172,6 @@ def save_images(images: Tensor, names: Sequence[str], out_dir: PathLike) -> list
     return paths
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
 def face_denoiser(model, device: torch.device):
     """The face UNet on ``device`` behind the Denoiser contract (channels_last on CUDA)."""
     from difflab.nets.face_unet import FaceDenoiser
@@ -209,7 +202,7 @@ def generate_dir(
     from difflab.nets.face_unet import load_face_unet
 
     names, noise = load_noise_dir(noise_dir)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model = load_face_unet(unet_path)
     if noise.shape[-1] % model.downscale or noise.shape[-2] % model.downscale:
         raise ValueError(
