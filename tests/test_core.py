@@ -264,3 +264,28 @@ def test_slerp_analytic_cases_and_parallel_fallback():
     assert torch.allclose(out[1], (e0[0] + e1[0]) / math.sqrt(2), atol=1e-6)
     with pytest.raises(ValueError, match="equal shapes"):
         slerp(torch.zeros(2, 3), torch.zeros(3, 2), 0.5)
+
+
+def test_min_snr_weighting_matches_closed_form():
+    """Min-SNR-5: each sample's MSE times min(SNR, 5)/SNR, with SNR from the linear betas by hand."""
+    from difflab.schedule import NoiseSchedule, ddpm_loss
+
+    sched = NoiseSchedule.linear(1000)
+    betas = np.linspace(1e-4, 2e-2, 1000, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(6, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 100, 300, 700, 999])
+    pred = torch.randn(6, 3, 8, 8, generator=g)
+    denoiser = lambda x, tt, c: pred  # noqa: E731  (a fixed prediction makes the per-sample error known)
+    per_sample = ((pred - noise) ** 2).flatten(1).mean(1).double().numpy()
+    snr = abar[t.numpy()] / (1 - abar[t.numpy()])
+    expected = float(np.mean(np.minimum(snr, 5.0) / snr * per_sample))
+    got = float(ddpm_loss(denoiser, sched, x0, t, noise, min_snr_gamma=5.0))
+    assert got == pytest.approx(expected, rel=1e-5)
+    # low-noise steps are down-weighted, high-noise steps (SNR < 5) keep weight 1
+    assert snr[0] > 5 > snr[-1]
+    plain = float(ddpm_loss(denoiser, sched, x0, t, noise))
+    assert plain == pytest.approx(float(per_sample.mean()), rel=1e-5)
+    assert got < plain

@@ -137,11 +137,26 @@ class NoiseSchedule:
         return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 
-def ddpm_loss(denoiser, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, cond=None) -> Tensor:
+def snr(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) at integer steps ``t`` (float64)."""
+    a = schedule.alphas_cumprod.to(t.device)[t]
+    return a / (1.0 - a)
+
+
+def ddpm_loss(denoiser, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, cond=None,
+              min_snr_gamma: float = 0.0) -> Tensor:
     """The simple DDPM objective (Ho et al. eq. 14): E || eps - eps_theta(x_t, t) ||^2.
 
+    With ``min_snr_gamma > 0`` each sample's squared error is weighted by
+    ``min(SNR_t, gamma) / SNR_t`` (Min-SNR-gamma, Hang et al. 2023, for epsilon
+    prediction), which down-weights the nearly noise-free steps. ``0`` is the plain loss.
     Randomness (``t``, ``noise``) is passed in by the caller.
     """
     x_t = schedule.q_sample(x0, t, noise)
     eps = denoiser(x_t, t, cond)
-    return torch.nn.functional.mse_loss(eps.float(), noise.float())
+    if min_snr_gamma <= 0:
+        return torch.nn.functional.mse_loss(eps.float(), noise.float())
+    per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+    s = snr(schedule, t)
+    weight = (s.clamp(max=min_snr_gamma) / s).to(per_sample.dtype)
+    return (weight * per_sample).mean()

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ema-decay", type=float, default=tc.ema_decay, help="EMA decay of the saved weights")
     t.add_argument("--p-uncond-digit", type=float, default=tc.p_uncond_digit, help="probability of dropping the digit label")
     t.add_argument("--p-uncond-dataset", type=float, default=tc.p_uncond_dataset, help="probability of dropping the dataset label")
+    t.add_argument("--min-snr-gamma", type=float, default=tc.min_snr_gamma,
+                   help="weight each step's loss by min(SNR, gamma)/SNR (Min-SNR, Hang et al. 2023); 0 = plain DDPM loss")
     t.add_argument("--schedule", choices=["linear", "cosine"], default=tc.schedule, help="noise schedule (linear = course betas)")
     t.add_argument("--channels", type=int, default=mc.channels, help="UNet base width")
     t.add_argument("--channel-mults", type=int, nargs="+", default=list(mc.channel_mults), help="width multiplier per resolution level")
@@ -141,7 +143,7 @@ def _train(args) -> int:
     model = DigitUNetConfig(channels=args.channels, channel_mults=tuple(args.channel_mults), num_res_blocks=args.num_res_blocks,
                             attention_levels=tuple(args.attention_levels), patch=args.patch)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
-                      p_uncond_digit=args.p_uncond_digit, p_uncond_dataset=args.p_uncond_dataset, schedule=args.schedule,
+                      p_uncond_digit=args.p_uncond_digit, p_uncond_dataset=args.p_uncond_dataset, min_snr_gamma=args.min_snr_gamma, schedule=args.schedule,
                       seed=args.seed, ckpt_every=args.ckpt_every, sample_every=args.sample_every,
                       keep_checkpoints=args.keep_checkpoints, mixed_precision=args.mixed_precision, device=args.device, model=model)
     train(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet, sample_fn=training_sample_fn)

@@ -44,6 +44,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_uncond_digit: float = 0.1
     p_uncond_dataset: float = 0.1
+    min_snr_gamma: float = 0.0   # >0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain loss
     schedule: str = "linear"
     num_train_steps: int = 1000
     seed: int = 0
@@ -193,7 +194,7 @@ def train(
         x0, t, noise, digit, dataset = (v.to(accelerator.device) for v in draw_batch(data, cfg, step, rank))
         model.train()
         with accelerator.autocast():
-            loss = ddpm_loss(denoiser, schedule, x0, t, noise, (digit, dataset))
+            loss = ddpm_loss(denoiser, schedule, x0, t, noise, (digit, dataset), min_snr_gamma=cfg.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.grad_clip > 0:
