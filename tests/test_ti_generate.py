@@ -176,8 +176,30 @@ def test_hw2_3_sh_calls_ti_generate(tmp_path):
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), "in put.json", "out dir", "sd.ckpt"], env=env, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.split("--") == ["ti generate ", "json in put.json ", "out out dir ", "sd sd.ckpt\n"]
-    run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), "only-one"], env=env, capture_output=True, text=True)
-    assert run.returncode == 2 and "usage" in run.stderr
+    # two arguments: no --sd, i.e. the shipped mini model
+    run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), "in.json", "out"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split("--") == ["ti generate ", "json in.json ", "out out\n"]
+    for args in (["only-one"], ["a", "b", "c", "d"]):
+        run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), *args], env=env, capture_output=True, text=True)
+        assert run.returncode == 2 and "usage" in run.stderr
+
+
+def test_default_model_is_the_shipped_mini_model(setup, tmp_path, monkeypatch):
+    """Without --sd, generation loads SHIPPED_MINI_SD and finds the shipped embeddings by width."""
+    root, model = setup
+    shipped_emb = tmp_path / "emb"
+    shipped_emb.mkdir()
+    save_embedding(shipped_emb / "new1.safetensors", "<new1>", torch.randn(1, 32))
+    monkeypatch.setattr(gen, "SHIPPED_EMBEDDINGS", shipped_emb)
+    monkeypatch.setattr(gen, "SHIPPED_MINI_SD", tmp_path / "absent")
+    js = tmp_path / "in.json"
+    js.write_text(json.dumps({"0": {"token_name": "<new1>", "prompt": ["a photo of a <new1>"]}}))
+    c = gen.GenerateConfig(json=str(js), out=str(tmp_path / "o"), images_per_prompt=1, steps=2, device="cpu", quiet=True)
+    with pytest.raises(FileNotFoundError, match="no --sd given and the shipped mini model is missing"):
+        gen.generate_from_json(c)
+    monkeypatch.setattr(gen, "SHIPPED_MINI_SD", model)
+    paths = gen.generate_from_json(c)
+    assert [p.relative_to(tmp_path / "o").as_posix() for p in paths] == ["0/0/source0_prompt0_0.png"]
 
 
 @requires_shared

@@ -17,6 +17,7 @@ GROUPS = [
     "difflab.clip.commands",
     "difflab.faces.commands",
     "difflab.personalize.commands",
+    "difflab.t2i.commands",
 ]
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difflab",
         description="Diffusion-model toolkit: digit DDPM/DDIM (digits), the course face UNet (faces), "
-        "textual inversion on Stable Diffusion (ti), CLIP scoring (clip).",
+        "textual inversion on Stable Diffusion (ti), CLIP scoring (clip), a mini SD-format model on digits (t2i).",
     )
     sub = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
     for name in GROUPS:

@@ -121,7 +121,8 @@ def register(subparsers) -> None:
     )
     g.add_argument("--json", required=True, help="the course's input.json: {key: {token_name, prompt: [...]}}")
     g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--sd", required=True, help=SD_HELP)
+    g.add_argument("--sd", default=None, help=SD_HELP + ". Default: the shipped mini model trained on captioned digits "
+                   "(src/difflab/assets/mini_sd, see `difflab t2i train`) with its shipped embeddings")
     g.add_argument("--embeddings", nargs="*", default=[], metavar="FILE", help="learned embedding files (token -> [n, width]); they win over the ones shipped in difflab/assets/embeddings")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale s, SD convention (1 = none; default: 7.5)")
     g.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")

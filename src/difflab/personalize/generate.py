@@ -31,6 +31,9 @@ from difflab.sampling import ddim_sample, ddim_timesteps
 
 PathLike = Union[str, os.PathLike]
 SHIPPED_EMBEDDINGS = Path(__file__).resolve().parents[1] / "assets" / "embeddings"
+# The mini SD-format model trained on captioned digits (``difflab t2i train``): the
+# model ``ti generate`` uses when no --sd is given.
+SHIPPED_MINI_SD = Path(__file__).resolve().parents[1] / "assets" / "mini_sd"
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class GenerateConfig:
 
     json: str
     out: str
-    sd: str
+    sd: Optional[str] = None  # None: the shipped mini model (SHIPPED_MINI_SD)
     embeddings: Tuple[str, ...] = ()
     guidance: float = 7.5
     steps: int = 50
@@ -215,7 +218,15 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(cfg.dtype, device)
     if sd is None:
-        sd = load_sd(cfg.sd, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir, device=device, dtype=dtype)
+        sd_path = cfg.sd
+        if sd_path is None:
+            if not (SHIPPED_MINI_SD / "unet" / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"no --sd given and the shipped mini model is missing at {SHIPPED_MINI_SD}; "
+                    "pass --sd with a Stable Diffusion checkpoint or train one with `difflab t2i train`"
+                )
+            sd_path = str(SHIPPED_MINI_SD)
+        sd = load_sd(sd_path, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir, device=device, dtype=dtype)
     prompts = [p for c in concepts for p in c.prompts]
     vectors = find_embeddings(sorted({c.token for c in concepts}), sd.text_width, explicit, prompts)
     known = set(sd.concepts.tokens) if sd.concepts is not None else set()

@@ -51,27 +51,54 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def _bpe(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word's symbols: merge the lowest-ranked adjacent pair
+    until no pair has a merge (the rule CLIP's tokenizer applies)."""
+    word = list(word)
+    while len(word) > 1:
+        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+        known = [(r, i) for r, i in pairs if r is not None]
+        if not known:
+            break
+        r, _ = min(known)
+        a, b = next((x, y) for (x, y) in zip(word, word[1:]) if ranks.get((x, y)) == r)
+        merged, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                merged.append(a + b)
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
 def write_clip_vocab(folder: PathLike, words: Iterable[str] = TINY_WORDS) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` of a CLIP-format BPE over ``words``.
 
-    Each word gets merges that build it left to right, so every listed word encodes
-    to one token; other text falls back to single characters.
+    Each word first gets what the merges so far make of it, then new merges that join
+    those pieces left to right; later merges rank after earlier ones, so every listed
+    word encodes to one token. Other text falls back to shorter pieces.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab)
     for word in words:
         if len(word) < 2:
             continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for nxt in parts[1:]:
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        cur = pieces[0]
+        for nxt in pieces[1:]:
             pair, merged = (cur, nxt), cur + nxt
-            if merged not in seen:
+            if pair not in ranks:
+                ranks[pair] = len(merges)
                 merges.append(pair)
+            if merged not in seen:
                 vocab.append(merged)
                 seen.add(merged)
             cur = merged

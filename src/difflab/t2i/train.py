@@ -1,0 +1,424 @@
+"""Training the mini text-to-image model (``difflab t2i train``).
+
+Two stages, both on the captioned digits (see :mod:`difflab.t2i.captions`):
+
+1. **VAE.** A small ``AutoencoderKL`` learns to reconstruct the 32x32 digits (mean
+   squared error plus a small KL term). Its ``scaling_factor`` is then set to
+   1 / std of the latents, as Stable Diffusion does, and it is frozen. Written to
+   ``OUT/vae`` in one go; a rerun with ``--resume`` reuses it.
+2. **Diffusion.** The UNet and the CLIP text encoder learn jointly with the
+   epsilon-prediction loss on the (frozen) VAE latents, with caption dropout for
+   classifier-free guidance. Checkpoints in ``OUT/checkpoints/step_XXXXXXX`` (raw
+   and EMA weights, optimizer, losses) make the run resumable; every checkpoint also
+   exports the EMA networks to ``OUT/unet`` and ``OUT/text_encoder`` (in
+   ``export_dtype``; the VAE stays float32 so a resumed run encodes exactly as before).
+
+``OUT`` is then a diffusers-format SD folder. Every batch (images, captions, steps,
+noise) is a pure function of (seed, step, process index).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from difflab.checkpoint import load_json, load_tensors, save_json, save_tensors
+from difflab.digits.data import BalancedDigits
+from difflab.digits.model_io import latest_checkpoint
+from difflab.schedule import ddpm_loss
+from difflab.t2i.captions import check_caption, draw_captions
+from difflab.t2i.model import (
+    IMAGE_SIZE, MiniConfig, build_text_encoder, build_tokenizer, build_unet, build_vae, save_folder,
+)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class T2ITrainConfig:
+    steps: int = 8000              # diffusion-stage optimisation steps
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 300
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    train_text_encoder: bool = True
+    p_unnamed: float = 0.6         # caption a non-7 digit without its name
+    p_empty: float = 0.1           # empty caption (classifier-free guidance)
+    vae_steps: int = 1500
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-4
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 1000
+    export_dtype: str = "fp16"
+    mixed_precision: str = "no"
+    device: str = "auto"
+    model: MiniConfig = field(default_factory=MiniConfig)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "vae_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.vae_steps < 0:
+            raise ValueError(f"vae_steps must be >= 0, got {self.vae_steps!r}")
+        for name in ("p_unnamed", "p_empty"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.export_dtype not in ("fp16", "fp32"):
+            raise ValueError(f"export_dtype must be fp16 or fp32, got {self.export_dtype!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T2ITrainConfig":
+        d = dict(d)
+        model = MiniConfig.from_dict(d.pop("model", {}))
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown T2ITrainConfig fields: {sorted(unknown)}")
+        return cls(model=model, **d)
+
+
+def lr_at(base: float, warmup: int, total: int, min_ratio: float, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio * base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_model_size(x: Tensor) -> Tensor:
+    """[B, 3, 28, 28] digits in [-1, 1] -> [B, 3, 32, 32] (bilinear)."""
+    return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def _generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 4 + stage) * 64 + rank)
+
+
+def draw_indices(sizes: list[int], generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+    """(dataset, index) pairs: each dataset with probability 1/len(sizes), then a uniform image."""
+    which = torch.randint(len(sizes), (n,), generator=generator)
+    idx = torch.empty(n, dtype=torch.long)
+    for k, size in enumerate(sizes):
+        sel = which == k
+        idx[sel] = torch.randint(size, (int(sel.sum()),), generator=generator)
+    return which, idx
+
+
+# ------------------------------------------------------------------------ stage 1: VAE
+def vae_loss(vae, x: Tensor, generator: torch.Generator, kl_weight: float) -> tuple[Tensor, Tensor]:
+    """(total, reconstruction MSE) of one batch."""
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(x.device, post.mean.dtype)
+    rec = vae.decode(z).sample
+    mse = F.mse_loss(rec.float(), x.float())
+    kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).mean()
+    return mse + kl_weight * kl, mse
+
+
+def train_vae(data: BalancedDigits, cfg: T2ITrainConfig, accelerator, progress: bool) -> tuple[torch.nn.Module, dict]:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.model)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae, opt = accelerator.prepare(vae, opt)
+    rank = accelerator.process_index
+    sizes = [len(lab) for lab in data.labels]
+    bar = tqdm(range(cfg.vae_steps), desc="t2i vae", disable=not progress)
+    recent: list[float] = []
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg.vae_lr, min(200, cfg.vae_steps // 10 + 1), cfg.vae_steps, 0.05, step)
+        g = _generator(cfg.seed, 1, step, rank)
+        which, idx = draw_indices(sizes, g, cfg.vae_batch_size)
+        x = to_model_size(gather_images(data, which, idx)).to(accelerator.device)
+        with accelerator.autocast():
+            loss, mse = vae_loss(vae, x, g, cfg.vae_kl_weight)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        recent = (recent + [mse.item()])[-50:]
+        if (step + 1) % 20 == 0:
+            bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
+    bar.close()
+    vae = accelerator.unwrap_model(vae).eval().requires_grad_(False)
+    facts = {"vae_steps": cfg.vae_steps, "vae_final_mse": sum(recent) / max(1, len(recent))}
+    return vae, facts
+
+
+def gather_images(data: BalancedDigits, which: Tensor, idx: Tensor) -> Tensor:
+    """Images [B, 3, 28, 28] in [-1, 1] for (dataset, index) pairs."""
+    out = torch.empty((len(which), 28, 28, 3), dtype=torch.uint8)
+    for k, images in enumerate(data.images):
+        sel = which == k
+        out[sel] = images[idx[sel]]
+    return out.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def encode_all(vae, data: BalancedDigits, device, batch_size: int = 512, progress: bool = True) -> list[tuple[Tensor, Tensor]]:
+    """Posterior (mean, std) of every image of each dataset, on the CPU."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for k, images in enumerate(data.images):
+        means, stds = [], []
+        for i in tqdm(range(0, len(images), batch_size), desc=f"t2i encode set {k}", disable=not progress):
+            x = to_model_size(images[i : i + batch_size].permute(0, 3, 1, 2).float().div(127.5).sub(1.0))
+            post = vae.encode(x.to(device)).latent_dist
+            means.append(post.mean.float().cpu())
+            stds.append(post.std.float().cpu())
+        out.append((torch.cat(means), torch.cat(stds)))
+    return out
+
+
+def latent_scale(latents: list[tuple[Tensor, Tensor]], generator: torch.Generator, n: int = 4096) -> float:
+    """1 / std of sampled latents over ``n`` images drawn evenly from the datasets (SD's rule)."""
+    zs = []
+    for mean, std in latents:
+        idx = torch.randint(len(mean), (n // len(latents),), generator=generator)
+        zs.append(mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator))
+    return float(1.0 / torch.cat(zs).std())
+
+
+# ----------------------------------------------------------------- stage 2: diffusion
+@torch.no_grad()
+def ema_update(ema: dict[str, Tensor], model: torch.nn.Module, decay: float) -> None:
+    for k, v in model.state_dict().items():
+        e = ema[k]
+        if e.dtype.is_floating_point:
+            e.lerp_(v.detach().to(e.device, e.dtype), 1 - decay)
+        else:
+            e.copy_(v)
+
+
+def _save_checkpoint(out: Path, step: int, unet, text, ema: dict, optimizer, cfg: T2ITrainConfig, losses: list[float]) -> Path:
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
+    try:
+        save_tensors(unet.state_dict(), tmp / "unet_raw.safetensors")
+        save_tensors(text.state_dict(), tmp / "text_raw.safetensors")
+        save_tensors(ema["unet"], tmp / "unet_ema.safetensors")
+        save_tensors(ema["text"], tmp / "text_ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, tmp / "state.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    for old in done[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _with_weights(model: torch.nn.Module, state: dict[str, Tensor]) -> torch.nn.Module:
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def train_t2i(
+    data_root: PathLike,
+    out: PathLike,
+    cfg: T2ITrainConfig,
+    *,
+    resume: bool = False,
+    stop_at: Optional[int] = None,
+    data: Optional[BalancedDigits] = None,
+    progress: bool = True,
+) -> list[float]:
+    """Train (or resume) the mini model into ``out``; returns the diffusion-stage losses.
+
+    :param stop_at: stop after this many diffusion steps (the LR schedule still follows
+        ``cfg.steps``), e.g. to test resumption.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from difflab.personalize.sd import UNetDenoiser, schedule_from_config
+    from difflab.t2i.model import SCHEDULER_CONFIG
+
+    cfg.validate()
+    out = Path(out)
+    existing = latest_checkpoint(out)
+    if resume and existing is None and not (out / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: nothing to resume in {out} (no vae/ and no checkpoints/)")
+    if not resume and (existing is not None or (out / "vae").exists()):
+        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
+    start, losses = 0, []
+    if existing is not None:
+        state = load_json(existing / "state.json")
+        saved = T2ITrainConfig.from_dict(state["train_config"])
+        if saved.model != cfg.model:
+            raise ValueError(f"--resume: {existing} was trained with a different model config ({saved.model})")
+        start, losses = int(state["step"]), list(state["losses"])
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    show = progress and main
+    if data is None:
+        data = BalancedDigits.from_root(data_root, progress=show)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(cfg.to_dict(), out / "train_config.json")
+    if main:
+        build_tokenizer(out / "tokenizer", cfg.model.max_length)
+    accelerator.wait_for_everyone()
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    facts: dict = load_json(out / "mini_sd.json") if (out / "mini_sd.json").is_file() else {}
+
+    # ---- stage 1
+    t0 = time.time()
+    if (out / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(out / "vae"), local_files_only=True).float().eval().requires_grad_(False)
+    else:
+        vae, vae_facts = train_vae(data, cfg, accelerator, show)
+        facts.update(vae_facts)
+    vae.to(accelerator.device)
+    latents = encode_all(vae, data, accelerator.device, progress=show)
+    if not (out / "vae" / "config.json").is_file():
+        scale = latent_scale(latents, torch.Generator().manual_seed(cfg.seed))
+        vae.register_to_config(scaling_factor=scale)
+        facts.update(vae_seconds=round(time.time() - t0, 1), latent_scale=scale)
+        if main:
+            save_folder(out, vae=vae, dtype=torch.float32, extra=facts)
+    scale = float(vae.config.scaling_factor)
+
+    # ---- stage 2
+    torch.manual_seed(cfg.seed + 1)
+    unet = build_unet(cfg.model)
+    text = build_text_encoder(cfg.model, tokenizer)
+    text.requires_grad_(cfg.train_text_encoder)
+    params = list(unet.parameters()) + (list(text.parameters()) if cfg.train_text_encoder else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = {"unet": {k: v.detach().clone().float() for k, v in unet.state_dict().items()},
+           "text": {k: v.detach().clone().float() for k, v in text.state_dict().items()}}
+    if existing is not None:
+        unet.load_state_dict(load_tensors(existing / "unet_raw.safetensors"))
+        text.load_state_dict(load_tensors(existing / "text_raw.safetensors"))
+        ema = {"unet": load_tensors(existing / "unet_ema.safetensors"), "text": load_tensors(existing / "text_ema.safetensors")}
+        optimizer.load_state_dict(torch.load(existing / "optimizer.pt", weights_only=True))
+    unet, text, optimizer = accelerator.prepare(unet, text, optimizer)
+    schedule = schedule_from_config(SCHEDULER_CONFIG)
+    denoiser = UNetDenoiser(unet)
+    sizes = [len(m) for m, _ in latents]
+    labels = data.labels
+    rank = accelerator.process_index
+    length = cfg.model.max_length
+    export_dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
+
+    def export(step: int) -> None:
+        u = _with_weights(accelerator.unwrap_model(unet), ema["unet"])
+        tx = _with_weights(accelerator.unwrap_model(text), ema["text"])
+        facts.update(diffusion_steps=step, train_config=cfg.to_dict())
+        save_folder(out, unet=u, text_encoder=tx, dtype=export_dtype, extra=facts)
+
+    end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    bar = tqdm(range(start, end), initial=start, total=end, desc="t2i train", disable=not show)
+    t1 = time.time()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step)
+        g = _generator(cfg.seed, 2, step, rank)
+        which, idx = draw_indices(sizes, g, cfg.batch_size)
+        mean = torch.empty((cfg.batch_size, *latents[0][0].shape[1:]))
+        std = torch.empty_like(mean)
+        digits = torch.empty(cfg.batch_size, dtype=torch.long)
+        for k, (m, s) in enumerate(latents):
+            sel = which == k
+            mean[sel], std[sel], digits[sel] = m[idx[sel]], s[idx[sel]], labels[k][idx[sel]].long()
+        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+        captions = draw_captions(digits, which, g, p_unnamed=cfg.p_unnamed, p_empty=cfg.p_empty)
+        for c in captions:
+            check_caption(c)
+        t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        dev = accelerator.device
+        unet.train()
+        text.train(cfg.train_text_encoder)
+        with accelerator.autocast():
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                cond = text(ids.to(dev))[0]
+            loss = ddpm_loss(denoiser, schedule, z0.to(dev), t.to(dev), noise.to(dev), cond, min_snr_gamma=cfg.min_snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema["unet"], accelerator.unwrap_model(unet), decay)
+        ema_update(ema["text"], accelerator.unwrap_model(text), decay)
+        losses.append(float(accelerator.gather(loss.detach()[None]).mean()))
+        done = step + 1
+        if main:
+            if done % 20 == 0 or done == end:
+                recent = losses[-100:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if cfg.ckpt_every > 0 and (done % cfg.ckpt_every == 0 or done == end):
+                _save_checkpoint(out, done, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg, losses)
+                export(done)
+            if cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == end):
+                write_sample_grid(out, out / "samples" / f"step_{done:07d}.png")
+        accelerator.wait_for_everyone()
+    bar.close()
+    if main and cfg.ckpt_every <= 0 and end > start:
+        _save_checkpoint(out, end, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg, losses)
+        export(end)
+    if show:
+        print(f"trained diffusion steps {start}..{end} in {time.time() - t1:.0f} s; model folder {out}")
+    return losses
+
+
+SAMPLE_PROMPTS = tuple(
+    f"a photo of the digit {name}" + suffix
+    for suffix in (" on a textured background", "")
+    for name in ("zero", "one", "two", "three", "four", "five", "six", "eight", "nine")
+) + ("a photo of a digit on a textured background", "a photo of a digit")
+
+
+def write_sample_grid(model_dir: PathLike, path: PathLike, per_prompt: int = 4, steps: int = 25, guidance: float = 4.0) -> Path:
+    """A grid of ``per_prompt`` samples (one row each) for each of SAMPLE_PROMPTS, from the
+    exported model in ``model_dir``."""
+    from difflab.imageio import save_grid
+    from difflab.personalize.generate import sample_images
+    from difflab.personalize.sd import load_sd
+
+    sd = load_sd(model_dir)
+    images = [sample_images(sd, p, list(range(per_prompt)), steps=steps, guidance=guidance) for p in SAMPLE_PROMPTS]
+    grid = torch.stack(images, dim=1).flatten(0, 1)  # column = prompt
+    save_grid(grid, path, nrow=len(SAMPLE_PROMPTS))
+    return Path(path)

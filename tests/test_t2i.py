@@ -1,0 +1,160 @@
+"""The mini text-to-image model: caption rules, tokenizer, a few training steps, exact
+resumption, and the unchanged `ti` commands on its output folder."""
+import numpy as np
+import pytest
+import torch
+
+from difflab.checkpoint import load_json, load_tensors
+from difflab.digits.data import BalancedDigits, DigitSet
+from difflab.t2i.captions import (
+    DIGIT_NAMES, HELD_OUT_STYLE, VOCAB_WORDS, all_training_captions, caption, check_caption, draw_captions,
+)
+from difflab.t2i.model import MiniConfig, build_tokenizer
+from difflab.t2i.train import T2ITrainConfig, train_t2i
+
+TINY = MiniConfig(unet_channels=(32, 32), vae_channels=(32, 32), text_width=32, text_layers=1, attention_head_dim=8)
+
+
+def test_caption_rules():
+    assert caption(3, 0, named=True) == "a photo of the digit three on a textured background"
+    assert caption(3, 1, named=True) == "a photo of the digit three"
+    assert caption(3, 0, named=False) == "a photo of a digit on a textured background"
+    # the held-out digit is never named, and the held-out style phrase never appears
+    assert caption(7, 0, named=True) == "a photo of a digit on a textured background"
+    assert caption(7, 1, named=True) == "a photo of a digit"
+    caps = all_training_captions()
+    assert len(caps) == 2 * 9 + 2 + 1  # named (9 digits x 2 sets), unnamed (2), empty
+    assert not any("seven" in c.split() or HELD_OUT_STYLE in c for c in caps)
+    with pytest.raises(AssertionError):
+        check_caption("a photo of the digit seven")
+    with pytest.raises(AssertionError):
+        check_caption("a photo of the digit one on a house number sign")
+    with pytest.raises(ValueError):
+        caption(10, 0, named=True)
+
+
+def test_caption_draw_frequencies():
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    digits = torch.randint(10, (n,), generator=g)
+    sets = torch.randint(2, (n,), generator=g)
+    caps = draw_captions(digits, sets, torch.Generator().manual_seed(1), p_unnamed=0.6, p_empty=0.1)
+    for c in caps:
+        check_caption(c)
+    empty = np.array([c == "" for c in caps])
+    assert abs(empty.mean() - 0.1) < 0.01
+    nonempty = [(c, int(d)) for c, d in zip(caps, digits) if c]
+    named = np.array([" the digit " in c for c, d in nonempty if d != 7])
+    assert abs(named.mean() - 0.4) < 0.015
+    assert not any(" the digit " in c for c, d in nonempty if d == 7)
+    # the named digit is the image's digit
+    assert all(DIGIT_NAMES[d] in c.split() for c, d in nonempty if " the digit " in c)
+
+
+def test_tokenizer_has_one_token_per_word(tmp_path):
+    tok = build_tokenizer(tmp_path, 24)
+    for w in VOCAB_WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    longest = max(all_training_captions(), key=len)
+    ids = tok(longest).input_ids
+    assert len(ids) == len(longest.split()) + 2 <= 24
+    # text outside the word list still encodes (character tokens)
+    assert len(tok("zebra", add_special_tokens=False).input_ids) > 1
+
+
+def tiny_data(n=40, seed=0):
+    """Digit-like synthetic images: a flat random colour with a bright vertical bar."""
+    rng = np.random.default_rng(seed)
+    sets = []
+    for name in ("mnistm", "svhn"):
+        images = np.repeat(np.repeat(rng.integers(0, 160, (n, 1, 1, 3), dtype=np.uint8), 28, 1), 28, 2)
+        for i, col in enumerate(rng.integers(4, 20, n)):
+            images[i, 4:24, col : col + 4] = 250
+        sets.append(DigitSet(name, images, rng.integers(0, 10, n)))
+    return BalancedDigits(sets)
+
+
+def tiny_cfg(**kw):
+    base = dict(steps=6, batch_size=4, vae_steps=3, vae_batch_size=4, ckpt_every=3, sample_every=0, keep_checkpoints=3,
+                device="cpu", model=TINY)
+    base.update(kw)
+    return T2ITrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "mini"
+    losses = train_t2i(None, out, tiny_cfg(), data=tiny_data(), progress=False)
+    return out, losses
+
+
+def test_training_writes_a_loadable_sd_folder(trained):
+    from difflab.personalize.generate import sample_images
+    from difflab.personalize.sd import load_sd
+
+    out, losses = trained
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    sd = load_sd(out)
+    assert sd.resolution == 32 and sd.text_width == 32 and sd.latent_channels == 4
+    facts = load_json(out / "mini_sd.json")
+    assert sd.latent_scale == pytest.approx(facts["latent_scale"]) and facts["diffusion_steps"] == 6
+    # the exported UNet is the EMA of the last checkpoint (stored in fp16)
+    ema = load_tensors(out / "checkpoints" / "step_0000006" / "unet_ema.safetensors")
+    got = {k: v.float() for k, v in sd.unet.state_dict().items()}
+    assert set(got) == set(ema)
+    assert all(torch.allclose(got[k], ema[k].half().float()) for k in ema)
+    img = sample_images(sd, "a photo of the digit three", [0, 1], steps=3, guidance=2.0)
+    assert img.shape == (2, 3, 32, 32) and 0 <= float(img.min()) and float(img.max()) <= 1
+
+
+def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path):
+    out, _ = trained
+    part = tmp_path / "part"
+    first = train_t2i(None, part, tiny_cfg(), stop_at=3, data=tiny_data(), progress=False)
+    rest = train_t2i(None, part, tiny_cfg(), resume=True, data=tiny_data(), progress=False)
+    full = load_tensors(out / "checkpoints" / "step_0000006" / "unet_ema.safetensors")
+    resumed = load_tensors(part / "checkpoints" / "step_0000006" / "unet_ema.safetensors")
+    assert len(first) == 3 and len(rest) == 6
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        train_t2i(None, part, tiny_cfg(), data=tiny_data(), progress=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_t2i(None, tmp_path / "empty", tiny_cfg(), resume=True, data=tiny_data(), progress=False)
+
+
+def test_vae_stage_learns(tmp_path):
+    """Reconstruction error falls over 60 VAE steps on a fixed set of images."""
+    from accelerate import Accelerator
+
+    from difflab.t2i.train import to_model_size, train_vae, vae_loss
+    from difflab.t2i.model import build_vae
+
+    data = tiny_data(n=8)
+    cfg = tiny_cfg(vae_steps=60, vae_batch_size=8, vae_lr=2e-3)
+    x = to_model_size(torch.cat([torch.from_numpy(s.images) for s in data.sets]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        before = float(vae_loss(build_vae(TINY).eval(), x, torch.Generator().manual_seed(0), 0.0)[1])
+    vae, facts = train_vae(data, cfg, Accelerator(cpu=True), progress=False)
+    with torch.no_grad():
+        after = float(vae_loss(vae, x, torch.Generator().manual_seed(0), 0.0)[1])
+    assert after < 0.5 * before, (before, after)
+    assert facts["vae_steps"] == 60
+
+
+def test_textual_inversion_runs_on_the_mini_folder(trained, tmp_path):
+    from PIL import Image
+
+    from difflab.personalize.textual_inversion import TrainConfig, read_embedding_file, train_textual_inversion
+
+    out, _ = trained
+    concept = tmp_path / "sevens"
+    concept.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(concept / f"{i}.png")
+    emb = tmp_path / "new1.safetensors"
+    train_textual_inversion(TrainConfig(sd=str(out), concept_dir=str(concept), token="<new1>", init_word="digit",
+                                        out=str(emb), steps=2, batch_size=2, device="cpu", quiet=True))
+    vec = read_embedding_file(emb)["<new1>"]
+    assert vec.shape == (1, 32) and torch.isfinite(vec).all()
