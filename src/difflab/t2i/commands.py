@@ -15,6 +15,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
     model = MiniConfig(unet_channels=tuple(args.unet_channels), unet_layers_per_block=args.unet_layers_per_block,
+                       attention_levels=tuple(args.attention_levels),
                        vae_channels=tuple(args.vae_channels), text_width=args.text_width, text_layers=args.text_layers)
     cfg = T2ITrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_snr_gamma=args.min_snr_gamma,
@@ -61,6 +62,7 @@ def register(subparsers) -> None:
     t.add_argument("--vae-batch-size", type=int, default=tc_defaults.vae_batch_size, help="images per VAE step")
     t.add_argument("--unet-channels", type=int, nargs="+", default=list(mc.unet_channels), help="UNet block_out_channels")
     t.add_argument("--unet-layers-per-block", type=int, default=mc.unet_layers_per_block, help="UNet layers_per_block")
+    t.add_argument("--attention-levels", type=int, nargs="+", default=list(mc.attention_levels), help="UNet levels (0 = finest) with cross-attention")
     t.add_argument("--vae-channels", type=int, nargs="+", default=list(mc.vae_channels), help="VAE block_out_channels (n levels: 2^(n-1) downsampling)")
     t.add_argument("--text-width", type=int, default=mc.text_width, help="text encoder hidden size (= UNet cross_attention_dim)")
     t.add_argument("--text-layers", type=int, default=mc.text_layers, help="text encoder layers")

@@ -28,6 +28,7 @@ class MiniConfig:
 
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (1,)  # UNet levels (0 = finest) with cross-attention blocks
     attention_head_dim: int = 8
     vae_channels: tuple[int, ...] = (32, 64)
     latent_channels: int = 4
@@ -49,11 +50,14 @@ class MiniConfig:
 
     def unet_kwargs(self) -> dict[str, Any]:
         n = len(self.unet_channels)
+        if not self.attention_levels or any(not 0 <= i < n for i in self.attention_levels):
+            raise ValueError(f"attention_levels must name at least one of the UNet's levels 0..{n - 1}, got {self.attention_levels}")
+        down = ["CrossAttnDownBlock2D" if i in self.attention_levels else "DownBlock2D" for i in range(n)]
         return dict(
             sample_size=IMAGE_SIZE // 2 ** (len(self.vae_channels) - 1),
             in_channels=self.latent_channels, out_channels=self.latent_channels,
             layers_per_block=self.unet_layers_per_block, block_out_channels=list(self.unet_channels),
-            down_block_types=["CrossAttnDownBlock2D"] * n, up_block_types=["CrossAttnUpBlock2D"] * n,
+            down_block_types=down, up_block_types=[b.replace("Down", "Up") for b in reversed(down)],
             cross_attention_dim=self.text_width, attention_head_dim=self.attention_head_dim,
             norm_num_groups=min(32, self.unet_channels[0]),
         )
