@@ -9,7 +9,7 @@ from difflab.checkpoint import load_state_strict, load_tensors, save_tensors
 from difflab.guidance import cat_cond, guided
 from difflab.imageio import make_grid, save_png, load_png, to_uint8
 from difflab.sampling import ddim_sample, ddim_timesteps, ddpm_sample
-from difflab.schedule import NoiseSchedule, cosine_betas, linear_betas
+from difflab.schedule import NoiseSchedule, cosine_betas
 
 
 def test_linear_schedule_hand_values():

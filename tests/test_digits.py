@@ -1,7 +1,6 @@
 """Problem 1: data layout errors, cache, balanced sampling, training resume,
 deterministic generation, the evaluator and the CLI."""
 import hashlib
-import json
 import os
 from pathlib import Path
 

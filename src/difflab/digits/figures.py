@@ -45,7 +45,6 @@ def reverse_process(net: DigitUNet, schedule: NoiseSchedule, dataset: int, cfg: 
 
     def callback(i, t, x, x0):
         # x is the sample at the step the update lands on: the next list entry.
-        nonlocal pending
         landed = ts[i + 1] if i + 1 < len(ts) else -1
         while pending and landed < pending[0]:
             snaps[pending.pop(0)] = x[0].float().cpu().clone()

@@ -10,24 +10,20 @@ Every batch (images, steps, noise, dropout masks) is a pure function of
 """
 from __future__ import annotations
 
-import copy
-import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor
 
 from difflab.checkpoint import load_json, save_json, save_tensors, load_tensors
 from difflab.digits.data import BalancedDigits
 from difflab.digits.model_io import latest_checkpoint
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet, DigitUNetConfig
 from difflab.schedule import NoiseSchedule, ddpm_loss
+from difflab.training import cosine_lr, ema_update, write_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -72,10 +68,7 @@ class TrainConfig:
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cosine_lr(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -94,41 +87,18 @@ def draw_batch(data: BalancedDigits, cfg: TrainConfig, step: int, rank: int = 0)
     return x0, t, noise, digit, dataset
 
 
-@torch.no_grad()
-def ema_update(ema: dict[str, Tensor], model: torch.nn.Module, decay: float) -> None:
-    for k, v in model.state_dict().items():
-        e = ema[k]
-        if e.dtype.is_floating_point:
-            e.lerp_(v.detach().to(e.device, e.dtype), 1 - decay)
-        else:
-            e.copy_(v)
-
-
 def _save_checkpoint(run_dir: Path, step: int, model, ema: dict, optimizer, cfg: TrainConfig, losses: list[float], keep: int) -> Path:
-    """Write ``checkpoints/step_XXXXXXX`` atomically: build it in a temp folder, then rename."""
-    ck_root = run_dir / "checkpoints"
-    ck_root.mkdir(parents=True, exist_ok=True)
-    final = ck_root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=ck_root))
-    try:
+    """Write ``checkpoints/step_XXXXXXX`` atomically (see :func:`difflab.training.write_checkpoint`)."""
+
+    def write(folder: Path) -> None:
         meta = {"model": cfg.model.to_dict(), "schedule": cfg.schedule, "num_train_steps": cfg.num_train_steps}
-        save_json(meta, tmp / "config.json")
-        save_tensors(ema, tmp / "model.safetensors")
-        save_tensors(model.state_dict(), tmp / "raw.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, tmp / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    done = sorted(p for p in ck_root.glob("step_*") if (p / "state.json").is_file())
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ck_root.glob(".tmp_step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+        save_json(meta, folder / "config.json")
+        save_tensors(ema, folder / "model.safetensors")
+        save_tensors(model.state_dict(), folder / "raw.safetensors")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, folder / "state.json")
+
+    return write_checkpoint(run_dir / "checkpoints", step, write, keep)
 
 
 def train(

@@ -8,7 +8,7 @@ modulation after the second GroupNorm, as in Dhariwal & Nichol 2021).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch

@@ -8,9 +8,8 @@ diffusers layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), which
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
 

@@ -19,10 +19,7 @@ noise) is a pure function of (seed, step, process index).
 from __future__ import annotations
 
 import copy
-import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ from difflab.checkpoint import load_json, load_tensors, save_json, save_tensors
 from difflab.digits.data import BalancedDigits
 from difflab.digits.model_io import latest_checkpoint
 from difflab.schedule import ddpm_loss
+from difflab.training import cosine_lr, ema_update, write_checkpoint
 from difflab.t2i.captions import check_caption, draw_captions
 from difflab.t2i.model import (
     IMAGE_SIZE, MiniConfig, build_text_encoder, build_tokenizer, build_unet, build_vae, save_folder,
@@ -99,14 +97,6 @@ class T2ITrainConfig:
         return cls(model=model, **d)
 
 
-def lr_at(base: float, warmup: int, total: int, min_ratio: float, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``min_ratio * base`` at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def to_model_size(x: Tensor) -> Tensor:
     """[B, 3, 28, 28] digits in [-1, 1] -> [B, 3, 32, 32] (bilinear)."""
     return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(-1, 1)
@@ -150,7 +140,7 @@ def train_vae(data: BalancedDigits, cfg: T2ITrainConfig, accelerator, progress: 
     recent: list[float] = []
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg.vae_lr, min(200, cfg.vae_steps // 10 + 1), cfg.vae_steps, 0.05, step)
+            group["lr"] = cosine_lr(cfg.vae_lr, min(200, cfg.vae_steps // 10 + 1), cfg.vae_steps, 0.05, step)
         g = _generator(cfg.seed, 1, step, rank)
         which, idx = draw_indices(sizes, g, cfg.vae_batch_size)
         x = to_model_size(gather_images(data, which, idx)).to(accelerator.device)
@@ -205,38 +195,16 @@ def latent_scale(latents: list[tuple[Tensor, Tensor]], generator: torch.Generato
 
 
 # ----------------------------------------------------------------- stage 2: diffusion
-@torch.no_grad()
-def ema_update(ema: dict[str, Tensor], model: torch.nn.Module, decay: float) -> None:
-    for k, v in model.state_dict().items():
-        e = ema[k]
-        if e.dtype.is_floating_point:
-            e.lerp_(v.detach().to(e.device, e.dtype), 1 - decay)
-        else:
-            e.copy_(v)
-
-
 def _save_checkpoint(out: Path, step: int, unet, text, ema: dict, optimizer, cfg: T2ITrainConfig, losses: list[float]) -> Path:
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
-    try:
-        save_tensors(unet.state_dict(), tmp / "unet_raw.safetensors")
-        save_tensors(text.state_dict(), tmp / "text_raw.safetensors")
-        save_tensors(ema["unet"], tmp / "unet_ema.safetensors")
-        save_tensors(ema["text"], tmp / "text_ema.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, tmp / "state.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-    for old in done[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    def write(folder: Path) -> None:
+        save_tensors(unet.state_dict(), folder / "unet_raw.safetensors")
+        save_tensors(text.state_dict(), folder / "text_raw.safetensors")
+        save_tensors(ema["unet"], folder / "unet_ema.safetensors")
+        save_tensors(ema["text"], folder / "text_ema.safetensors")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, folder / "state.json")
+
+    return write_checkpoint(out / "checkpoints", step, write, cfg.keep_checkpoints)
 
 
 def _with_weights(model: torch.nn.Module, state: dict[str, Tensor]) -> torch.nn.Module:
@@ -351,7 +319,7 @@ def train_t2i(
     t1 = time.time()
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step)
+            group["lr"] = cosine_lr(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step)
         g = _generator(cfg.seed, 2, step, rank)
         which, idx = draw_indices(sizes, g, cfg.batch_size)
         mean = torch.empty((cfg.batch_size, *latents[0][0].shape[1:]))
