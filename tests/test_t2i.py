@@ -158,3 +158,15 @@ def test_textual_inversion_runs_on_the_mini_folder(trained, tmp_path):
                                         out=str(emb), steps=2, batch_size=2, device="cpu", quiet=True))
     vec = read_embedding_file(emb)["<new1>"]
     assert vec.shape == (1, 32) and torch.isfinite(vec).all()
+
+
+def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, capsys):
+    from difflab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["t2i", "train", "--data", str(tmp_path / "nope"), "--out", str(out), "--quiet"]) == 2
+    assert "digit data folder not found" in capsys.readouterr().err and not out.exists()
+    assert main(["t2i", "train", "--data", str(tmp_path), "--out", str(out), "--p-empty", "1.5", "--quiet"]) == 2
+    assert "p_empty must be in [0, 1]" in capsys.readouterr().err and not out.exists()
+    assert main(["t2i", "train", "--data", str(tmp_path), "--out", str(out), "--attention-levels", "5", "--quiet"]) == 2
+    assert "attention_levels" in capsys.readouterr().err and not out.exists()

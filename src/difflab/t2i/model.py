@@ -47,6 +47,19 @@ class MiniConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def validate(self) -> None:
+        """Raise ValueError for sizes the networks cannot be built with."""
+        if len(self.unet_channels) < 1 or len(self.vae_channels) < 1:
+            raise ValueError("unet_channels and vae_channels need at least one level each")
+        if any(c < 8 or c % 8 for c in (*self.unet_channels, *self.vae_channels)):
+            raise ValueError(f"channel counts must be positive multiples of 8, got unet {self.unet_channels}, vae {self.vae_channels}")
+        if IMAGE_SIZE % 2 ** len(self.vae_channels):
+            raise ValueError(f"{len(self.vae_channels)} VAE levels downsample {IMAGE_SIZE}x{IMAGE_SIZE} too far")
+        if self.text_width % self.text_heads or self.text_width % self.attention_head_dim:
+            raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads} "
+                             f"and attention_head_dim {self.attention_head_dim}")
+        self.unet_kwargs()
+
     def unet_kwargs(self) -> dict[str, Any]:
         n = len(self.unet_channels)
         if not self.attention_levels or any(not 0 <= i < n for i in self.attention_levels):

@@ -69,6 +69,7 @@ class T2ITrainConfig:
     model: MiniConfig = field(default_factory=MiniConfig)
 
     def validate(self) -> None:
+        self.model.validate()
         for name in ("steps", "batch_size", "vae_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
