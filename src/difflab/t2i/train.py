@@ -259,7 +259,6 @@ def train_t2i(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg.to_dict(), out / "train_config.json")
-    if main:
         build_tokenizer(out / "tokenizer", cfg.model.max_length)
     accelerator.wait_for_everyone()
     from transformers import CLIPTokenizer
