@@ -29,7 +29,7 @@ GUIDE_ON = ("both", "digit", "dataset")
 class SampleConfig:
     sampler: str = "ddim"        # ddim | ddpm
     steps: int = 10              # DDIM steps (ignored by ddpm, which uses all T)
-    guidance: float = 6.0        # w in eps = (1+w) eps_c - w eps_u (chosen by benchmarks/digits.py)
+    guidance: float = 3.0        # w in eps = (1+w) eps_c - w eps_u (chosen by benchmarks/digits.py)
     guide_on: str = "both"       # which condition the unconditional branch drops
     eta: float = 0.0
     clip_x0: Optional[float] = 1.0
