@@ -157,16 +157,28 @@ class BalancedDigits:
             raise FileNotFoundError(f"digit data folder not found: {root} (expected mnistm/ and svhn/ inside)")
         return cls([load_digit_set(root, name, cache_dir, progress) for name in DATASETS])
 
-    def batch(self, generator: torch.Generator, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw a batch: images [B,3,28,28] float in [-1, 1], digit [B], dataset [B]."""
-        which = torch.randint(len(self.sets), (batch_size,), generator=generator)
-        xs, ds = [], []
+    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        """(dataset [n], index [n]): each dataset with probability 1/len(sets), then a uniform image of it."""
+        which = torch.randint(len(self.sets), (n,), generator=generator)
+        idx = torch.empty(n, dtype=torch.long)
         for k in range(len(self.sets)):
-            n = int((which == k).sum())
-            idx = torch.randint(len(self.labels[k]), (n,), generator=generator)
-            xs.append(self.images[k][idx])
-            ds.append(self.labels[k][idx])
-        x = torch.cat(xs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        digit = torch.cat(ds)
-        dataset = torch.sort(which).values
-        return x, digit, dataset
+            sel = which == k
+            idx[sel] = torch.randint(len(self.labels[k]), (int(sel.sum()),), generator=generator)
+        return which, idx
+
+    def gather(self, which: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B,3,28,28] float in [-1, 1] and digits [B] of (dataset, index) pairs."""
+        images = torch.empty((len(which), *self.images[0].shape[1:]), dtype=self.images[0].dtype)
+        digits = torch.empty(len(which), dtype=self.labels[0].dtype)
+        for k in range(len(self.sets)):
+            sel = which == k
+            images[sel], digits[sel] = self.images[k][idx[sel]], self.labels[k][idx[sel]]
+        return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), digits
+
+    def batch(self, generator: torch.Generator, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw a batch: images [B,3,28,28] float in [-1, 1], digit [B], dataset [B], grouped by dataset."""
+        which, idx = self.draw(generator, batch_size)
+        order = torch.sort(which, stable=True).indices
+        which, idx = which[order], idx[order]
+        x, digit = self.gather(which, idx)
+        return x, digit, which

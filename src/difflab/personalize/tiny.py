@@ -56,12 +56,11 @@ def _bpe(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     until no pair has a merge (the rule CLIP's tokenizer applies)."""
     word = list(word)
     while len(word) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
-        known = [(r, i) for r, i in pairs if r is not None]
+        known = [(ranks[p], i) for i, p in enumerate(zip(word, word[1:])) if p in ranks]
         if not known:
             break
-        r, _ = min(known)
-        a, b = next((x, y) for (x, y) in zip(word, word[1:]) if ranks.get((x, y)) == r)
+        _, first = min(known)
+        a, b = word[first], word[first + 1]
         merged, i = [], 0
         while i < len(word):
             if i + 1 < len(word) and word[i] == a and word[i + 1] == b:

@@ -107,16 +107,6 @@ def _generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 4 + stage) * 64 + rank)
 
 
-def draw_indices(sizes: list[int], generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-    """(dataset, index) pairs: each dataset with probability 1/len(sizes), then a uniform image."""
-    which = torch.randint(len(sizes), (n,), generator=generator)
-    idx = torch.empty(n, dtype=torch.long)
-    for k, size in enumerate(sizes):
-        sel = which == k
-        idx[sel] = torch.randint(size, (int(sel.sum()),), generator=generator)
-    return which, idx
-
-
 # ------------------------------------------------------------------------ stage 1: VAE
 def vae_loss(vae, x: Tensor, generator: torch.Generator, kl_weight: float) -> tuple[Tensor, Tensor]:
     """(total, reconstruction MSE) of one batch."""
@@ -136,15 +126,14 @@ def train_vae(data: BalancedDigits, cfg: T2ITrainConfig, accelerator, progress: 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae, opt = accelerator.prepare(vae, opt)
     rank = accelerator.process_index
-    sizes = [len(lab) for lab in data.labels]
     bar = tqdm(range(cfg.vae_steps), desc="t2i vae", disable=not progress)
     recent: list[float] = []
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg.vae_lr, min(200, cfg.vae_steps // 10 + 1), cfg.vae_steps, 0.05, step)
         g = _generator(cfg.seed, 1, step, rank)
-        which, idx = draw_indices(sizes, g, cfg.vae_batch_size)
-        x = to_model_size(gather_images(data, which, idx)).to(accelerator.device)
+        which, idx = data.draw(g, cfg.vae_batch_size)
+        x = to_model_size(data.gather(which, idx)[0]).to(accelerator.device)
         with accelerator.autocast():
             loss, mse = vae_loss(vae, x, g, cfg.vae_kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -158,15 +147,6 @@ def train_vae(data: BalancedDigits, cfg: T2ITrainConfig, accelerator, progress: 
     vae = accelerator.unwrap_model(vae).eval().requires_grad_(False)
     facts = {"vae_steps": cfg.vae_steps, "vae_final_mse": sum(recent) / max(1, len(recent))}
     return vae, facts
-
-
-def gather_images(data: BalancedDigits, which: Tensor, idx: Tensor) -> Tensor:
-    """Images [B, 3, 28, 28] in [-1, 1] for (dataset, index) pairs."""
-    out = torch.empty((len(which), 28, 28, 3), dtype=torch.uint8)
-    for k, images in enumerate(data.images):
-        sel = which == k
-        out[sel] = images[idx[sel]]
-    return out.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 @torch.no_grad()
@@ -302,7 +282,6 @@ def train_t2i(
     unet, text, optimizer = accelerator.prepare(unet, text, optimizer)
     schedule = schedule_from_config(SCHEDULER_CONFIG)
     denoiser = UNetDenoiser(unet)
-    sizes = [len(m) for m, _ in latents]
     labels = data.labels
     rank = accelerator.process_index
     length = cfg.model.max_length
@@ -321,7 +300,7 @@ def train_t2i(
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step)
         g = _generator(cfg.seed, 2, step, rank)
-        which, idx = draw_indices(sizes, g, cfg.batch_size)
+        which, idx = data.draw(g, cfg.batch_size)
         mean = torch.empty((cfg.batch_size, *latents[0][0].shape[1:]))
         std = torch.empty_like(mean)
         digits = torch.empty(cfg.batch_size, dtype=torch.long)
