@@ -129,59 +129,108 @@ def rates(images: torch.Tensor, digit: int, domain_net, digit_nets) -> tuple[flo
     return float((preds == digit).float().mean()), float(domain.float().mean()), preds.tolist()
 
 
-def evaluate(args) -> int:
-    evaluators = Path(args.evaluators)
-    data_root = Path(args.data)
-    for p in (evaluators / "mnistm_classifier.pth", evaluators / "svhn_classifier.pth", data_root / "mnistm" / "train.csv"):
-        if not p.is_file():
-            print(f"missing {p}", file=sys.stderr)
-            return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    data = BalancedDigits.from_root(data_root, progress=False)
-    domain_net, domain_acc = train_domain_classifier(data)
-    print(f"domain classifier (MNIST-M vs SVHN): held-out accuracy {domain_acc:.4f} ({time.time() - t0:.0f} s)")
-    digit_nets = [load_classifier("mnistm", evaluators / "mnistm_classifier.pth"), load_classifier("svhn", evaluators / "svhn_classifier.pth")]
+def load_embeddings(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """token -> vectors and token -> init word (from each file's metadata)."""
+    from safetensors import safe_open
 
     learned: dict[str, torch.Tensor] = {}
     init_words: dict[str, str] = {}
-    for f in args.embeddings:
-        from safetensors import safe_open
-
+    for f in files:
         with safe_open(str(f), framework="pt") as h:
             meta = h.metadata() or {}
         for tok, vec in read_embedding_file(f).items():
             learned[tok] = vec
             init_words[tok] = meta.get("init_word", "")
+    return learned, init_words
+
+
+@torch.no_grad()
+def named_digit_rates(model, domain_net, digit_nets, *, images: int, steps: int, guidance: float, seed: int = 0) -> dict:
+    """How well the model itself follows the digit names it was trained on: for each
+    trained caption that names a digit (every digit but 7, both caption forms), the
+    fraction of ``images`` samples classified as that digit and as SVHN. What textual
+    inversion can reach is bounded by this."""
+    from difflab.t2i.captions import HELD_OUT_DIGIT, caption
+
+    sd = load_sd(model)
+    out = {}
+    for dataset, form in ((0, "MNIST-M caption"), (1, "SVHN caption")):
+        hits = svhn = n = 0
+        for d in range(10):
+            if d == HELD_OUT_DIGIT:
+                continue
+            prompt = caption(d, dataset, named=True)
+            seeds = [image_seed(seed, prompt, 0, i) for i in range(images)]
+            r_digit, r_svhn, _ = rates(sample_images(sd, prompt, seeds, steps=steps, guidance=guidance), d, domain_net, digit_nets)
+            hits, svhn, n = hits + r_digit * images, svhn + r_svhn * images, n + images
+        out[form] = (hits / n, svhn / n)
+    return out
+
+
+def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps: int = 50, guidance: float = 7.5,
+            seed: int = 0, named: int = 0, log=print) -> tuple[list[dict], torch.Tensor, float]:
+    """Generate ``images`` per prompt of PROMPTS with the learned embeddings and with the
+    same tokens at 0 steps; return (rows, learned-embedding images [P, N, 3, 32, 32],
+    domain classifier held-out accuracy). Each row: embedding, case, prompt, digit,
+    rate of that digit, rate of the SVHN domain, digit predictions, seconds."""
+    evaluators, data_root = Path(evaluators), Path(data_root)
+    for p in (evaluators / "mnistm_classifier.pth", evaluators / "svhn_classifier.pth", data_root / "mnistm" / "train.csv"):
+        if not p.is_file():
+            raise FileNotFoundError(f"missing {p}")
+    learned, init_words = load_embeddings(embeddings)
     missing = {"<new1>", "<new2>"} - set(learned)
     if missing:
-        print(f"no embedding for {sorted(missing)}; pass --embeddings FILE ...", file=sys.stderr)
-        return 2
-    probe = load_sd(args.model)
+        raise ValueError(f"no embedding for {sorted(missing)} in {[str(f) for f in embeddings]}")
+    t0 = time.time()
+    data = BalancedDigits.from_root(data_root, progress=False)
+    domain_net, domain_acc = train_domain_classifier(data)
+    log(f"domain classifier (MNIST-M vs SVHN): held-out accuracy {domain_acc:.4f} ({time.time() - t0:.0f} s)")
+    digit_nets = [load_classifier("mnistm", evaluators / "mnistm_classifier.pth"),
+                  load_classifier("svhn", evaluators / "svhn_classifier.pth")]
+    probe = load_sd(model)
     zero = {tok: init_vectors(probe, init_words[tok] or "digit", learned[tok].shape[0]) for tok in learned}
-    print(f"model {args.model}; {args.images} images per prompt, DDIM {args.steps} steps, guidance s={args.guidance}; "
-          f"init words {init_words}")
-
-    rows, grids = [], []
+    log(f"model {model}; {images} images per prompt, DDIM {steps} steps, guidance s={guidance}; init words {init_words}")
+    if named:
+        for form, (r_digit, r_svhn) in named_digit_rates(model, domain_net, digit_nets, images=named, steps=steps,
+                                                         guidance=guidance, seed=seed).items():
+            log(f"  named digits ({form}, {named} images x 9 digits): right digit {r_digit:.3f}, SVHN domain {r_svhn:.3f}")
+    rows, shown = [], []
     for label, vectors in (("learned", learned), ("0 steps", zero)):
-        sd = with_embeddings(args.model, vectors)
+        sd = with_embeddings(model, vectors)
         for name, prompt, digit in PROMPTS:
-            seeds = [image_seed(args.seed, name, 0, i) for i in range(args.images)]
+            seeds = [image_seed(seed, name, 0, i) for i in range(images)]
             t = time.time()
-            imgs = sample_images(sd, prompt, seeds, steps=args.steps, guidance=args.guidance)
+            imgs = sample_images(sd, prompt, seeds, steps=steps, guidance=guidance)
             r_digit, r_svhn, preds = rates(imgs, digit, domain_net, digit_nets)
-            rows.append((label, name, prompt, digit, r_digit, r_svhn, time.time() - t))
+            rows.append(dict(embedding=label, case=name, prompt=prompt, digit=digit, rate_digit=r_digit,
+                             rate_svhn=r_svhn, predictions=preds, seconds=time.time() - t))
             if label == "learned":
-                grids.append(imgs[: args.figure_columns])
-            print(f"  {label:8s} {name:26s} {digit}: {r_digit:.2f}  SVHN: {r_svhn:.2f}  digits {preds}", flush=True)
+                shown.append(imgs)
+            log(f"  {label:8s} {name:26s} {digit}: {r_digit:.2f}  SVHN: {r_svhn:.2f}  digits {preds}")
+    return rows, torch.stack(shown), domain_acc
 
+
+def evaluate(args) -> int:
+    from difflab.personalize.commands import _quiet_libraries
+
+    _quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    try:
+        rows, shown, _ = measure(args.model, args.embeddings, args.data, args.evaluators, images=args.images,
+                                 steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                 named=args.named, log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n| embedding | case | prompt | rate of digit | rate SVHN domain |")
     print("|---|---|---|---|---|")
-    for label, name, prompt, digit, r_digit, r_svhn, _ in rows:
-        print(f"| {label} | {name} | `{prompt}` | {digit}: {r_digit:.2f} | {r_svhn:.2f} |")
+    for r in rows:
+        print(f"| {r['embedding']} | {r['case']} | `{r['prompt']}` | {r['digit']}: {r['rate_digit']:.2f} | {r['rate_svhn']:.2f} |")
     if args.figure:
-        save_grid(torch.cat(grids), args.figure, nrow=args.figure_columns)
+        cols = min(args.figure_columns, shown.shape[1])
+        save_grid(shown[:, :cols].flatten(0, 1), args.figure, nrow=cols)
         print(f"\nfigure: {args.figure} (rows: {', '.join(n for n, _, _ in PROMPTS)}; learned embeddings)")
     print(f"total {time.time() - t0:.0f} s")
     return 0
@@ -202,10 +251,12 @@ def main(argv=None) -> int:
     e.add_argument("--images", type=int, default=25, help="images per prompt")
     e.add_argument("--steps", type=int, default=50, help="DDIM steps")
     e.add_argument("--guidance", type=float, default=7.5, help="guidance scale s (SD convention)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="base seed of the images")
+    e.add_argument("--named", type=int, default=10, help="also sample this many images for each digit name the model was "
+                   "trained on (both caption forms) and report how often they show that digit (0: skip)")
     e.add_argument("--figure", default="runs/mini_world.png", help="grid of samples per prompt ('' for none)")
-    e.add_argument("--figure-columns", type=int, default=10)
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--figure-columns", type=int, default=10, help="images per row of the figure")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.cmd == "concepts":
         write_concepts(Path(args.data), Path(args.out))

@@ -170,3 +170,23 @@ def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, capsys):
     assert "p_empty must be in [0, 1]" in capsys.readouterr().err and not out.exists()
     assert main(["t2i", "train", "--data", str(tmp_path), "--out", str(out), "--attention-levels", "5", "--quiet"]) == 2
     assert "attention_levels" in capsys.readouterr().err and not out.exists()
+
+
+def test_export_copies_the_model_without_training_state(trained, tmp_path, capsys):
+    from difflab.cli import main
+    from difflab.personalize.sd import load_sd
+
+    run, _ = trained
+    dest = tmp_path / "assets" / "mini_sd"
+    assert main(["t2i", "export", str(run), "--out", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["unet", "vae", "text_encoder", "tokenizer", "scheduler", "mini_sd.json"])
+    a, b = load_sd(run), load_sd(dest)
+    for net in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, net).state_dict(), getattr(b, net).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # exporting again replaces the folder; a folder that is no run is refused and nothing is written
+    (dest / "stale.txt").write_text("x")
+    assert main(["t2i", "export", str(run), "--out", str(dest)]) == 0 and not (dest / "stale.txt").exists()
+    assert main(["t2i", "export", str(tmp_path / "assets"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing unet" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -186,3 +186,36 @@ def test_cli_train(model_dir, concept_dir, tmp_path):
                               "--init-word", "cat", "--out", str(out), "--steps", "1", "--batch-size", "1", "--device", "cpu", "--quiet"])
     assert args.func(args) == 0
     assert tuple(ti.read_embedding_file(out)["<c>"].shape) == (1, 32)
+
+
+def test_templates_file_replaces_the_property_templates(model_dir, concept_dir, tmp_path, monkeypatch):
+    """--templates: exactly the file's captions (with the token) reach the text encoder,
+    and they are recorded in the embedding file's metadata."""
+    from safetensors import safe_open
+
+    from difflab.personalize import sd as sd_module
+
+    lines = ["# my world's captions", "", "a photo of the digit {}", "a photo of the digit {} on a textured background"]
+    tpl = tmp_path / "templates.txt"
+    tpl.write_text("\n".join(lines) + "\n")
+    seen = []
+    real = sd_module.StableDiffusion.encode_text
+
+    def recording(self, prompts, *a, **kw):
+        seen.extend(prompts)
+        return real(self, prompts, *a, **kw)
+
+    monkeypatch.setattr(sd_module.StableDiffusion, "encode_text", recording)
+    out = tmp_path / "e.safetensors"
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, out, steps=6, batch_size=4, templates=str(tpl)), sd=load_sd(model_dir))
+    assert set(seen) == {"a photo of the digit <new1>", "a photo of the digit <new1> on a textured background"}
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["templates"].split("\n") == lines[2:]
+    for bad, msg in (("a photo of {} and {}", "exactly one"), ("no slot", "exactly one"), ("{x} {}", "no other braces"),
+                     ("# only a comment", "has no templates")):
+        tpl.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=msg):
+            ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "bad.safetensors", templates=str(tpl)))
+    with pytest.raises(FileNotFoundError, match="templates file not found"):
+        ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "bad.safetensors", templates=str(tmp_path / "nope.txt")))
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     cfg = TrainConfig(
         sd=args.sd, concept_dir=args.concept_dir, token=args.token, init_word=args.init_word, out=args.out,
-        property=args.property, num_vectors=args.num_vectors, steps=args.steps, lr=args.lr,
+        property=args.property, templates=args.templates, num_vectors=args.num_vectors, steps=args.steps, lr=args.lr,
         weight_decay=args.weight_decay, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
         resume=args.resume, embeddings=list(args.embeddings), validation_prompt=args.validation_prompt,
         validation_every=args.validation_every, validation_images=args.validation_images,
@@ -91,6 +91,7 @@ def register(subparsers) -> None:
     t.add_argument("--init-word", required=True, help="word whose embedding initialises the token, e.g. dog or painting")
     t.add_argument("--out", required=True, help="output .safetensors: {token: [num_vectors, width]}, readable by diffusers' load_textual_inversion")
     t.add_argument("--property", choices=["object", "style"], default="object", help="caption templates: an object ('a photo of a <tok>') or a style ('a painting in the style of <tok>') (default: object)")
+    t.add_argument("--templates", default=None, metavar="FILE", help="caption templates to train with instead of --property's: a text file, one template per line with {} where the token goes (blank lines and # comments skipped)")
     t.add_argument("--num-vectors", type=int, default=1, help="embedding vectors for the token; >1 adds tokens TOKEN_1 .. TOKEN_{n-1} (default: 1)")
     t.add_argument("--steps", type=int, default=3000, help="optimisation steps (default: 3000)")
     t.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")

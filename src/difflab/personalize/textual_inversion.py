@@ -230,6 +230,7 @@ class TrainConfig:
     init_word: str
     out: str
     property: str = "object"
+    templates: Optional[str] = None  # a text file of caption templates (one per line, "{}" = the token)
     num_vectors: int = 1
     steps: int = 3000
     lr: float = 2e-3
@@ -263,8 +264,29 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.templates is not None:
+            read_templates(self.templates)
         if Path(self.out).suffix != ".safetensors":
             raise ValueError(f"--out must end in .safetensors, got {self.out!r}")
+
+
+def read_templates(path: PathLike) -> Tuple[str, ...]:
+    """Caption templates from a text file: one per line, each with exactly one ``{}``
+    where the token goes; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"templates file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
+            raise ValueError(f"{path}, line {n}: a template needs exactly one '{{}}' (where the token goes) and no other braces, got {line!r}")
+        out.append(line)
+    if not out:
+        raise ValueError(f"templates file {path} has no templates")
+    return tuple(out)
 
 
 def state_path(out: PathLike) -> Path:
@@ -358,6 +380,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
     start = 0
     meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors), "seed": str(cfg.seed)}
+    if cfg.templates:
+        meta["templates"] = "\n".join(read_templates(cfg.templates))
     if cfg.resume:
         tensors, start = _load_state(cfg.resume, cfg.token, tuple(param.shape))
         with torch.no_grad():
@@ -376,7 +400,7 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     sd.text_encoder.set_input_embeddings(wrapped)
 
     mean, std = encode_concept_images(sd, files, resolution)
-    templates = TEMPLATES[cfg.property]
+    templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
     denoiser = UNetDenoiser(sd.unet)
     out = Path(cfg.out)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"ti {cfg.token}",

@@ -28,6 +28,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from difflab.t2i.model import export_folder
+
+    out = export_folder(args.run, args.out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {args.run} -> {out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def register(subparsers) -> None:
     from difflab.t2i.model import MiniConfig
     from difflab.t2i.train import T2ITrainConfig
@@ -75,3 +84,13 @@ def register(subparsers) -> None:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
+
+    x = sub.add_parser(
+        "export", help="copy a run's model (without checkpoints and samples) into a folder, e.g. the shipped one",
+        description="Copy unet/ vae/ text_encoder/ tokenizer/ scheduler/ and mini_sd.json of a `t2i train` run "
+        "(its newest export, the EMA weights) into OUT, replacing OUT in one rename. The shipped model is made with "
+        "`difflab t2i export runs/mini-sd --out src/difflab/assets/mini_sd`.",
+    )
+    x.add_argument("run", help="the --out folder of `difflab t2i train`")
+    x.add_argument("--out", required=True, help="destination model folder (replaced)")
+    x.set_defaults(func=_export)

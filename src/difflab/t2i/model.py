@@ -187,3 +187,30 @@ def save_folder(folder: PathLike, *, unet=None, vae=None, text_encoder=None,
     if extra is not None:
         save_json(extra, folder / "mini_sd.json")
     return folder
+
+
+MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "mini_sd.json")
+
+
+def export_folder(run: PathLike, out: PathLike) -> Path:
+    """Copy the model of a training run (``unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    mini_sd.json``, without checkpoints and samples) to ``out``, replacing it in one rename."""
+    import shutil
+    import tempfile
+
+    run, out = Path(run), Path(out)
+    missing = [p for p in MODEL_PARTS if not (run / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{run} is not a mini model run or folder: missing {', '.join(missing)}")
+    if out.resolve() == run.resolve():
+        raise ValueError(f"--out {out} is the run folder itself")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for part in MODEL_PARTS:
+            (shutil.copytree if (run / part).is_dir() else shutil.copy2)(run / part, tmp / part)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
