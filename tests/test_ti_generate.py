@@ -112,9 +112,10 @@ def test_ddim_matches_diffusers_scheduler(setup):
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
-def test_bad_inputs_write_nothing(setup, tmp_path):
+def test_bad_inputs_write_nothing(setup, tmp_path, monkeypatch):
     root, model = setup
     out = tmp_path / "out"
+    monkeypatch.setattr(gen, "SHIPPED_EMBEDDINGS", tmp_path / "no-shipped-embeddings")  # only the files given here
 
     def write(name, data):
         path = tmp_path / name

@@ -1,0 +1,108 @@
+"""The shipped mini SD-format model (src/difflab/assets/mini_sd) and its two learned
+embeddings: size, loading, the two-argument hw2_3.sh path, and (``-m slow``) the
+issue's measured bar on textual inversion."""
+import importlib.util
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import EVALUATORS, HW2_DATA, REPO, requires_evaluators, requires_shared
+from difflab.personalize import generate as gen
+
+MINI = gen.SHIPPED_MINI_SD
+
+
+def shipped_embedding_files():
+    return sorted((gen.SHIPPED_EMBEDDINGS / "mini_sd").glob("*.safetensors"))
+
+
+def test_shipped_mini_model_is_small_and_loads():
+    from difflab.checkpoint import load_json
+    from difflab.personalize.sd import load_sd
+
+    size = sum(f.stat().st_size for f in MINI.rglob("*") if f.is_file())
+    assert size < 30 * 2**20, f"shipped mini model is {size / 2**20:.1f} MiB (the issue allows < 30 MB)"
+    sd = load_sd(MINI, device="cpu")
+    assert (sd.resolution, sd.latent_channels, sd.text_width) == (32, 4, 64)
+    facts = load_json(MINI / "mini_sd.json")
+    assert facts["diffusion_steps"] >= 6000 and facts["vae_steps"] > 0  # the recorded run (README), not a test model
+    # both concepts are shipped for this model's width, and were trained (not left at their init word)
+    from difflab.personalize.textual_inversion import concept_embedding, init_vectors, read_embedding_file
+
+    found = gen.find_embeddings(["<new1>", "<new2>"], sd.text_width)
+    concept_embedding(sd)
+    files = {tok: f for f in shipped_embedding_files() for tok in read_embedding_file(f)}
+    assert set(files) == {"<new1>", "<new2>"}
+    from safetensors import safe_open
+
+    for tok, vec in found.items():
+        with safe_open(str(files[tok]), framework="pt") as h:
+            meta = h.metadata()
+        assert vec.shape == (1, 64) and int(meta["step"]) > 0
+        start = init_vectors(sd, meta["init_word"], 1)
+        assert float((vec - start).norm()) > 0.1 * float(start.norm()), f"{tok} barely moved from its init word"
+
+
+@requires_evaluators
+def test_shipped_mini_model_draws_the_digit_it_is_asked_for():
+    """The named MNIST-M digits (7 is never named in training, so it is left out) are
+    read as that digit by the course's MNIST-M grader: a measured floor on a small sample."""
+    from difflab.digits.evaluate import load_classifier
+    from difflab.personalize.generate import sample_images
+    from difflab.personalize.sd import load_sd
+    from difflab.t2i.captions import DIGIT_NAMES
+
+    sd = load_sd(MINI, device="cpu")
+    grader = load_classifier("mnistm", EVALUATORS / "mnistm_classifier.pth")
+    digits = [d for d in range(10) if d != 7]
+    hits = 0
+    for d in digits:
+        imgs = sample_images(sd, f"a photo of the digit {DIGIT_NAMES[d]} on a textured background", [0, 1, 2, 3],
+                             steps=20, guidance=7.5)
+        x = torch.nn.functional.interpolate(imgs, size=(28, 28), mode="bilinear", antialias=True).clamp(0, 1)
+        with torch.no_grad():
+            hits += int((grader(x).argmax(1) == d).sum())
+    assert hits / (4 * len(digits)) >= 0.75, f"{hits}/{4 * len(digits)} named digits recognised"
+
+
+@requires_shared
+def test_hw2_3_sh_without_a_checkpoint_uses_the_shipped_mini_model(tmp_path):
+    """The course's input.json, two arguments: 25 images for each of the 4 prompts, from
+    the shipped model and embeddings (tokens the mini vocabulary lacks are spelled out)."""
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), str(HW2_DATA / "textual_inversion" / "input.json"), str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert files == sorted(f"{k}/{p}/source{k}_prompt{p}_{i}.png" for k in "01" for p in range(2) for i in range(25))
+    with Image.open(out / "0" / "0" / "source0_prompt0_0.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("mini_world", REPO / "benchmarks" / "mini_world.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@requires_shared
+@requires_evaluators
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "issue 7's bar is not met yet: measured object 0.08 (the learned <new1> is drawn as a 9-like 7 that the "
+    "grader reads as 9), style 0.52 three / 0.96 SVHN; see README, mini model. Remove this mark once it passes."))
+def test_shipped_embeddings_pass_the_issue_bar():
+    """Issue 7's acceptance numbers, as benchmarks/mini_world.py measures them (25 images
+    per prompt, DDIM 50, s = 7.5): the object prompt is a 7 at least 90% of the time; the
+    style prompt is a 3 and SVHN at least 80% of the time each; learning beats 0 steps."""
+    mw = load_benchmark()
+    rows, _, domain_acc = mw.measure(MINI, shipped_embedding_files(), HW2_DATA / "digits", EVALUATORS, log=lambda m: None)
+    assert domain_acc > 0.95
+    r = {(row["embedding"], row["case"]): row for row in rows}
+    assert r["learned", "object"]["rate_digit"] >= 0.9
+    assert r["learned", "style"]["rate_digit"] >= 0.8 and r["learned", "style"]["rate_svhn"] >= 0.8
+    assert r["learned", "object"]["rate_digit"] > r["0 steps", "object"]["rate_digit"]
+    assert r["learned", "object control"]["rate_digit"] <= 0.3
