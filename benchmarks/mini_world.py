@@ -145,14 +145,13 @@ def load_embeddings(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 @torch.no_grad()
-def named_digit_rates(model, domain_net, digit_nets, *, images: int, steps: int, guidance: float, seed: int = 0) -> dict:
+def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, guidance: float, seed: int = 0) -> dict:
     """How well the model itself follows the digit names it was trained on: for each
     trained caption that names a digit (every digit but 7, both caption forms), the
     fraction of ``images`` samples classified as that digit and as SVHN. What textual
     inversion can reach is bounded by this."""
     from difflab.t2i.captions import HELD_OUT_DIGIT, caption
 
-    sd = load_sd(model)
     out = {}
     for dataset, form in ((0, "MNIST-M caption"), (1, "SVHN caption")):
         hits = svhn = n = 0
@@ -191,7 +190,7 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
     zero = {tok: init_vectors(probe, init_words[tok] or "digit", learned[tok].shape[0]) for tok in learned}
     log(f"model {model}; {images} images per prompt, DDIM {steps} steps, guidance s={guidance}; init words {init_words}")
     if named:
-        for form, (r_digit, r_svhn) in named_digit_rates(model, domain_net, digit_nets, images=named, steps=steps,
+        for form, (r_digit, r_svhn) in named_digit_rates(probe, domain_net, digit_nets, images=named, steps=steps,
                                                          guidance=guidance, seed=seed).items():
             log(f"  named digits ({form}, {named} images x 9 digits): right digit {r_digit:.3f}, SVHN domain {r_svhn:.3f}")
     rows, shown = [], []

@@ -29,10 +29,9 @@ def test_shipped_mini_model_is_small_and_loads():
     facts = load_json(MINI / "mini_sd.json")
     assert facts["diffusion_steps"] >= 6000 and facts["vae_steps"] > 0  # the recorded run (README), not a test model
     # both concepts are shipped for this model's width, and were trained (not left at their init word)
-    from difflab.personalize.textual_inversion import concept_embedding, init_vectors, read_embedding_file
+    from difflab.personalize.textual_inversion import init_vectors, read_embedding_file
 
     found = gen.find_embeddings(["<new1>", "<new2>"], sd.text_width)
-    concept_embedding(sd)
     files = {tok: f for f in shipped_embedding_files() for tok in read_embedding_file(f)}
     assert set(files) == {"<new1>", "<new2>"}
     from safetensors import safe_open

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,3 +80,22 @@ def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: Pa
     if problem:
         raise ValueError(f"{source} does not fit {type(module).__name__}: {problem}")
     module.load_state_dict(state, strict=True)
+
+
+@contextmanager
+def staged_dir(final: Path, prefix: Optional[str] = None) -> Iterator[Path]:
+    """A temporary folder beside ``final`` (named ``prefix`` + random) to write into; on
+    success it replaces ``final`` in one rename, on error it is removed and ``final`` is
+    left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -3,14 +3,14 @@ atomic, pruned checkpoint folders."""
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from difflab.checkpoint import staged_dir
 
 
 def cosine_lr(base: float, warmup: int, total: int, min_ratio: float, step: int) -> float:
@@ -39,17 +39,9 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep:
     ``write(folder)`` fills a temporary folder beside the final one, which is then renamed;
     it must write ``state.json`` last (a folder counts as complete when that file is there).
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_step_", dir=root))
-    try:
+    with staged_dir(final, prefix=".tmp_step_") as tmp:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -379,9 +379,10 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     optimizer = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
     start = 0
+    templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
     meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors), "seed": str(cfg.seed)}
     if cfg.templates:
-        meta["templates"] = "\n".join(read_templates(cfg.templates))
+        meta["templates"] = "\n".join(templates)
     if cfg.resume:
         tensors, start = _load_state(cfg.resume, cfg.token, tuple(param.shape))
         with torch.no_grad():
@@ -400,7 +401,6 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     sd.text_encoder.set_input_embeddings(wrapped)
 
     mean, std = encode_concept_images(sd, files, resolution)
-    templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
     denoiser = UNetDenoiser(sd.unet)
     out = Path(cfg.out)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"ti {cfg.token}",

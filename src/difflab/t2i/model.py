@@ -15,6 +15,7 @@ from typing import Any, Union
 
 import torch
 
+from difflab.checkpoint import staged_dir
 from difflab.t2i.captions import VOCAB_WORDS
 
 PathLike = Union[str, os.PathLike]
@@ -96,25 +97,16 @@ SCHEDULER_CONFIG = {
 def build_tokenizer(folder: PathLike, max_length: int):
     """A CLIP tokenizer whose vocabulary has one token per mini-world word, written to
     ``folder`` (vocab.json, merges.txt and the tokenizer config) in one rename."""
-    import shutil
-    import tempfile
-
     from transformers import CLIPTokenizer
 
     from difflab.personalize.tiny import write_clip_vocab
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_dir(folder) as tmp:
         write_clip_vocab(tmp, VOCAB_WORDS)
         tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), pad_token="<|endoftext|>",
                             model_max_length=max_length)
         tok.save_pretrained(str(tmp))
-        _replace_dir(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -142,15 +134,6 @@ def build_text_encoder(cfg: MiniConfig, tokenizer):
     ))
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    import shutil
-
-    os.chmod(tmp, 0o755)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def save_folder(folder: PathLike, *, unet=None, vae=None, text_encoder=None,
                 dtype: torch.dtype = torch.float32, extra: dict[str, Any] | None = None) -> Path:
     """Write the given networks of an SD-format diffusers folder, plus ``scheduler/``
@@ -163,8 +146,6 @@ def save_folder(folder: PathLike, *, unet=None, vae=None, text_encoder=None,
     ``extra`` is written to ``mini_sd.json`` (training facts).
     """
     import copy
-    import shutil
-    import tempfile
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,13 +153,8 @@ def save_folder(folder: PathLike, *, unet=None, vae=None, text_encoder=None,
     for name, obj in parts.items():
         if obj is None:
             continue
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
-        try:
+        with staged_dir(folder / name) as tmp:
             copy.deepcopy(obj).to(dtype).save_pretrained(str(tmp), safe_serialization=True)
-            _replace_dir(tmp, folder / name)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     sched = folder / "scheduler"
     sched.mkdir(exist_ok=True)
     from difflab.checkpoint import save_json
@@ -196,7 +172,6 @@ def export_folder(run: PathLike, out: PathLike) -> Path:
     """Copy the model of a training run (``unet/ vae/ text_encoder/ tokenizer/ scheduler/
     mini_sd.json``, without checkpoints and samples) to ``out``, replacing it in one rename."""
     import shutil
-    import tempfile
 
     run, out = Path(run), Path(out)
     missing = [p for p in MODEL_PARTS if not (run / p).exists()]
@@ -204,13 +179,7 @@ def export_folder(run: PathLike, out: PathLike) -> Path:
         raise FileNotFoundError(f"{run} is not a mini model run or folder: missing {', '.join(missing)}")
     if out.resolve() == run.resolve():
         raise ValueError(f"--out {out} is the run folder itself")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for part in MODEL_PARTS:
             (shutil.copytree if (run / part).is_dir() else shutil.copy2)(run / part, tmp / part)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
