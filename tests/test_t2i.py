@@ -190,3 +190,68 @@ def test_export_copies_the_model_without_training_state(trained, tmp_path, capsy
     assert main(["t2i", "export", str(run), "--out", str(dest)]) == 0 and not (dest / "stale.txt").exists()
     assert main(["t2i", "export", str(tmp_path / "assets"), "--out", str(tmp_path / "x")]) == 2
     assert "missing unet" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _caption_effect_without_cross_attention(unet, cond):
+    """Largest change of the noise prediction between two text encodings ``cond`` [2, L, d]
+    when every cross-attention's output is zeroed (so text can only enter another way)."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            torch.nn.init.zeros_(module.to_out[0].weight)
+            torch.nn.init.zeros_(module.to_out[0].bias)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        eps = unet(torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1), torch.tensor([500, 500]), cond).sample
+    return float((eps[0] - eps[1]).abs().max())
+
+
+def test_text_time_embedding_reaches_the_resnet_blocks():
+    """With --text-time-embedding the caption also enters through the time embedding. Added
+    as a bias before a GroupNorm with one channel per group (TINY: 32 channels, 32 groups),
+    it is cancelled exactly; --time-scale-shift applies it after the norm, where it acts."""
+    from dataclasses import replace
+
+    from difflab.t2i.model import build_unet
+
+    cond = torch.randn(2, 24, TINY.text_width, generator=torch.Generator().manual_seed(0))
+    effect = {}
+    for name, cfg in (("none", TINY), ("bias", replace(TINY, text_time_embedding=True)),
+                      ("scale_shift", replace(TINY, text_time_embedding=True, time_scale_shift=True))):
+        torch.manual_seed(0)
+        effect[name] = _caption_effect_without_cross_attention(build_unet(cfg).eval(), cond)
+    assert effect["none"] < 1e-5 and effect["bias"] < 1e-5, effect
+    assert effect["scale_shift"] > 1e-2, effect
+
+
+def test_text_time_embedding_option(tmp_path, monkeypatch):
+    """A run with --text-time-embedding --time-scale-shift trains, exports and loads through
+    the SD loader with those UNet settings; configs written before the options existed load
+    with both off; the CLI flags reach the config."""
+    from dataclasses import replace
+
+    from difflab.cli import main
+    from difflab.personalize.sd import load_sd
+
+    old = TINY.to_dict()
+    del old["text_time_embedding"], old["time_scale_shift"]
+    assert MiniConfig.from_dict(old) == TINY and not TINY.text_time_embedding and not TINY.time_scale_shift
+    assert "addition_embed_type" not in TINY.unet_kwargs() and "resnet_time_scale_shift" not in TINY.unet_kwargs()
+
+    cfg = replace(TINY, text_time_embedding=True, time_scale_shift=True)
+    out = tmp_path / "mini"
+    losses = train_t2i(None, out, tiny_cfg(model=cfg), data=tiny_data(), progress=False)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    sd = load_sd(out)
+    assert sd.unet.config.addition_embed_type == "text" and sd.unet.config.resnet_time_scale_shift == "scale_shift"
+    assert MiniConfig.from_dict(load_json(out / "mini_sd.json")["train_config"]["model"]) == cfg
+    ids = sd.tokenizer(["a photo of the digit three", "a photo of the digit eight"], padding="max_length",
+                       max_length=sd.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = sd.text_encoder(ids)[0]
+    assert _caption_effect_without_cross_attention(sd.unet, cond) > 1e-3
+
+    seen = {}
+    monkeypatch.setattr("difflab.t2i.train.train_t2i", lambda data, o, c, **kw: seen.setdefault("cfg", c))
+    args = ["t2i", "train", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(args + ["--text-time-embedding", "--time-scale-shift"]) == 0
+    assert seen.pop("cfg").model == replace(MiniConfig(), text_time_embedding=True, time_scale_shift=True)

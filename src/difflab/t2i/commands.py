@@ -16,7 +16,8 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     model = MiniConfig(unet_channels=tuple(args.unet_channels), unet_layers_per_block=args.unet_layers_per_block,
                        attention_levels=tuple(args.attention_levels),
-                       vae_channels=tuple(args.vae_channels), text_width=args.text_width, text_layers=args.text_layers)
+                       vae_channels=tuple(args.vae_channels), text_width=args.text_width, text_layers=args.text_layers,
+                       text_time_embedding=args.text_time_embedding, time_scale_shift=args.time_scale_shift)
     cfg = T2ITrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_snr_gamma=args.min_snr_gamma,
         train_text_encoder=not args.freeze_text_encoder, p_unnamed=args.p_unnamed, p_empty=args.p_empty,
@@ -75,6 +76,12 @@ def register(subparsers) -> None:
     t.add_argument("--vae-channels", type=int, nargs="+", default=list(mc.vae_channels), help="VAE block_out_channels (n levels: 2^(n-1) downsampling)")
     t.add_argument("--text-width", type=int, default=mc.text_width, help="text encoder hidden size (= UNet cross_attention_dim)")
     t.add_argument("--text-layers", type=int, default=mc.text_layers, help="text encoder layers")
+    t.add_argument("--text-time-embedding", action=argparse.BooleanOptionalAction, default=mc.text_time_embedding,
+                   help="also add an attention-pooled text vector to the UNet's time embedding, so every ResNet block "
+                   "sees the caption (diffusers' addition_embed_type='text'), not only the cross-attention layers")
+    t.add_argument("--time-scale-shift", action=argparse.BooleanOptionalAction, default=mc.time_scale_shift,
+                   help="ResNet blocks apply the time (and text) embedding as a scale and shift after GroupNorm "
+                   "(resnet_time_scale_shift='scale_shift'), instead of a bias before it that GroupNorm partly removes")
     t.add_argument("--seed", type=int, default=tc_defaults.seed, help="seed of initialisation and of every batch")
     t.add_argument("--ckpt-every", type=int, default=tc_defaults.ckpt_every, help="checkpoint and export every N steps (0: only at the end)")
     t.add_argument("--sample-every", type=int, default=tc_defaults.sample_every, help="sample grid every N steps (0: never)")

@@ -36,6 +36,13 @@ class MiniConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 24
+    # Also feed the text to every ResNet block: an attention-pooled text vector added to
+    # the time embedding (UNet2DConditionModel's addition_embed_type="text").
+    text_time_embedding: bool = False
+    # ResNet blocks apply the time (+ text) embedding as a scale and shift after their
+    # GroupNorm (resnet_time_scale_shift="scale_shift") instead of adding it before, where
+    # a GroupNorm of few channels per group cancels most of it (all of it at 1 per group).
+    time_scale_shift: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MiniConfig":
@@ -73,6 +80,9 @@ class MiniConfig:
             down_block_types=down, up_block_types=[b.replace("Down", "Up") for b in reversed(down)],
             cross_attention_dim=self.text_width, attention_head_dim=self.attention_head_dim,
             norm_num_groups=min(32, self.unet_channels[0]),
+            **(dict(addition_embed_type="text", addition_embed_type_num_heads=self.text_heads)
+               if self.text_time_embedding else {}),
+            **(dict(resnet_time_scale_shift="scale_shift") if self.time_scale_shift else {}),
         )
 
     def vae_kwargs(self, scaling_factor: float = 1.0) -> dict[str, Any]:
