@@ -219,3 +219,28 @@ def test_templates_file_replaces_the_property_templates(model_dir, concept_dir, 
     with pytest.raises(FileNotFoundError, match="templates file not found"):
         ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "bad.safetensors", templates=str(tmp_path / "nope.txt")))
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_flip_p_mirrors_the_training_images(model_dir, concept_dir, tmp_path):
+    """--flip-p 1 trains on mirrored images only: exactly what --flip-p 0 learns from the
+    mirrored files. --flip-p 0 on the originals learns something else (digits, text and
+    other asymmetric concepts need it); bad values fail before anything is written."""
+    mirrored = tmp_path / "mirrored"
+    mirrored.mkdir()
+    for f in sorted(concept_dir.iterdir()):
+        with Image.open(f) as im:
+            im.transpose(Image.FLIP_LEFT_RIGHT).save(mirrored / f.name)
+    learned = {}
+    for name, folder, p in (("always", concept_dir, 1.0), ("mirror-files", mirrored, 0.0), ("never", concept_dir, 0.0)):
+        out = tmp_path / f"{name}.safetensors"
+        ti.train_textual_inversion(cfg_for(model_dir, folder, out, flip_p=p, steps=4))
+        learned[name] = ti.read_embedding_file(out)["<new1>"]
+    assert torch.allclose(learned["always"], learned["mirror-files"], atol=1e-5)
+    assert float((learned["always"] - learned["never"]).abs().max()) > 1e-3
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "never.safetensors"), framework="pt") as h:
+        assert h.metadata()["flip_p"] == "0.0"
+    with pytest.raises(ValueError, match=r"--flip-p must be in \[0, 1\], got 1.5"):
+        ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "bad.safetensors", flip_p=1.5))
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         sd=args.sd, concept_dir=args.concept_dir, token=args.token, init_word=args.init_word, out=args.out,
         property=args.property, templates=args.templates, num_vectors=args.num_vectors, steps=args.steps, lr=args.lr,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, resolution=args.resolution, seed=args.seed,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, resolution=args.resolution, flip_p=args.flip_p, seed=args.seed,
         resume=args.resume, embeddings=list(args.embeddings), validation_prompt=args.validation_prompt,
         validation_every=args.validation_every, validation_images=args.validation_images,
         validation_steps=args.validation_steps, guidance=args.guidance, save_every=args.save_every,
@@ -98,6 +98,9 @@ def register(subparsers) -> None:
     t.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay on the new rows (default: 1e-2)")
     t.add_argument("--batch-size", type=int, default=4, help="images per step, per process (default: 4)")
     t.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's native size, 512 for SD v1)")
+    t.add_argument("--flip-p", type=float, default=0.5, help="probability that a training image is mirrored left-right "
+                   "(default: 0.5, as SD textual inversion usually trains); use 0 when a mirror changes the concept: "
+                   "digits, letters, text, asymmetric objects")
     t.add_argument("--seed", type=int, default=0, help="seed of every random choice in training (default: 0)")
     t.add_argument("--resume", default=None, help="resume from a state file OUT.state.safetensors written by an earlier run")
     t.add_argument("--embeddings", nargs="*", default=[], metavar="FILE", help="other learned embeddings to load (frozen), so several concepts live in one model")

@@ -237,6 +237,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     batch_size: int = 4
     resolution: Optional[int] = None  # None: the model's native size (512 for SD v1)
+    flip_p: float = 0.5  # probability of a horizontal mirror per training image (0 for text, digits, asymmetric things)
     seed: int = 0
     resume: Optional[str] = None
     embeddings: List[str] = field(default_factory=list)  # other concepts, loaded frozen
@@ -262,6 +263,8 @@ class TrainConfig:
             raise ValueError(f"--resolution must be >= 8, got {self.resolution!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ValueError(f"--flip-p must be in [0, 1], got {self.flip_p!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.templates is not None:
@@ -380,7 +383,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
     start = 0
     templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
-    meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors), "seed": str(cfg.seed)}
+    meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors), "seed": str(cfg.seed),
+            "flip_p": str(cfg.flip_p)}
     if cfg.templates:
         meta["templates"] = "\n".join(templates)
     if cfg.resume:
@@ -410,7 +414,7 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
         sd.text_encoder.train()
         b = cfg.batch_size
         idx = torch.randint(len(files), (b,), generator=generator)
-        flip = torch.randint(2, (b,), generator=generator)
+        flip = (torch.rand((b,), generator=generator) < cfg.flip_p).long()
         which = torch.randint(len(templates), (b,), generator=generator)
         z_noise = torch.randn((b, *mean.shape[2:]), generator=generator)
         t = torch.randint(sd.schedule.num_steps, (b,), generator=generator)
