@@ -235,6 +235,21 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
     return rows, torch.stack(shown), domain_acc
 
 
+@torch.no_grad()
+def name_spread(model, t: int = 500, n: int = 8, seed: int = 0) -> float:
+    """How much the digit name moves the UNet's noise prediction: the standard deviation
+    across the nine trained names (MNIST-M caption) of eps(z_t, t, caption), averaged over
+    ``n`` latents drawn from N(0, I) and over their elements. A model that ignores the name gives 0."""
+    from difflab.t2i.captions import HELD_OUT_DIGIT, caption
+
+    sd = load_sd(model)
+    z = torch.randn(n, sd.latent_channels, sd.resolution // sd.vae_downsample, sd.resolution // sd.vae_downsample,
+                    generator=torch.Generator().manual_seed(seed))
+    cond = sd.encode_text([caption(d, 0, named=True) for d in range(10) if d != HELD_OUT_DIGIT])
+    eps = torch.stack([sd.unet(z, torch.full((n,), t), c[None].expand(n, -1, -1)).sample for c in cond])
+    return float(eps.std(0).mean())
+
+
 def evaluate(args) -> int:
     from difflab.personalize.commands import _quiet_libraries
 
@@ -286,7 +301,14 @@ def main(argv=None) -> int:
     e.add_argument("--figure", default="runs/mini_world.png", help="grid of samples per prompt ('' for none)")
     e.add_argument("--figure-columns", type=int, default=10, help="images per row of the figure")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sp = sub.add_parser("spread", help="how much the digit name moves each model's noise prediction (name_spread)")
+    sp.add_argument("models", nargs="+", help="mini SD folders (a t2i run folder holds its newest EMA export)")
+    sp.add_argument("--t", type=int, nargs="+", default=[500], help="diffusion steps to measure at")
     args = p.parse_args(argv)
+    if args.cmd == "spread":
+        for m in args.models:
+            print(m, " ".join(f"t={t}: {name_spread(m, t):.4f}" for t in args.t))
+        return 0
     if args.cmd == "concepts":
         write_concepts(Path(args.data), Path(args.out), pick=args.pick, evaluators=Path(args.evaluators))
         return 0

@@ -215,7 +215,8 @@ def test_text_time_embedding_reaches_the_resnet_blocks():
 
     cond = torch.randn(2, 24, TINY.text_width, generator=torch.Generator().manual_seed(0))
     effect = {}
-    for name, cfg in (("none", TINY), ("bias", replace(TINY, text_time_embedding=True)),
+    for name, cfg in (("none", replace(TINY, text_time_embedding=False, time_scale_shift=False)),
+                      ("bias", replace(TINY, text_time_embedding=True, time_scale_shift=False)),
                       ("scale_shift", replace(TINY, text_time_embedding=True, time_scale_shift=True))):
         torch.manual_seed(0)
         effect[name] = _caption_effect_without_cross_attention(build_unet(cfg).eval(), cond)
@@ -224,9 +225,9 @@ def test_text_time_embedding_reaches_the_resnet_blocks():
 
 
 def test_text_time_embedding_option(tmp_path, monkeypatch):
-    """A run with --text-time-embedding --time-scale-shift trains, exports and loads through
-    the SD loader with those UNet settings; configs written before the options existed load
-    with both off; the CLI flags reach the config."""
+    """A run with --text-time-embedding --time-scale-shift (the defaults) trains, exports and
+    loads through the SD loader with those UNet settings; configs written before the options
+    existed load with both off; the CLI flags reach the config."""
     from dataclasses import replace
 
     from difflab.cli import main
@@ -234,8 +235,10 @@ def test_text_time_embedding_option(tmp_path, monkeypatch):
 
     old = TINY.to_dict()
     del old["text_time_embedding"], old["time_scale_shift"]
-    assert MiniConfig.from_dict(old) == TINY and not TINY.text_time_embedding and not TINY.time_scale_shift
-    assert "addition_embed_type" not in TINY.unet_kwargs() and "resnet_time_scale_shift" not in TINY.unet_kwargs()
+    legacy = MiniConfig.from_dict(old)
+    assert legacy == replace(TINY, text_time_embedding=False, time_scale_shift=False)
+    assert "addition_embed_type" not in legacy.unet_kwargs() and "resnet_time_scale_shift" not in legacy.unet_kwargs()
+    assert MiniConfig.from_dict(TINY.to_dict()) == TINY
 
     cfg = replace(TINY, text_time_embedding=True, time_scale_shift=True)
     out = tmp_path / "mini"
@@ -253,5 +256,7 @@ def test_text_time_embedding_option(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr("difflab.t2i.train.train_t2i", lambda data, o, c, **kw: seen.setdefault("cfg", c))
     args = ["t2i", "train", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--quiet"]
-    assert main(args + ["--text-time-embedding", "--time-scale-shift"]) == 0
+    assert main(args) == 0
     assert seen.pop("cfg").model == replace(MiniConfig(), text_time_embedding=True, time_scale_shift=True)
+    assert main(args + ["--no-text-time-embedding", "--no-time-scale-shift"]) == 0
+    assert seen.pop("cfg").model == replace(MiniConfig(), text_time_embedding=False, time_scale_shift=False)

@@ -2,7 +2,8 @@
 
 Images are the 28x28 digits resized to 32x32. The VAE halves the side (latents
 [4, 16, 16]); the UNet is a two-level ``UNet2DConditionModel`` with cross-attention
-on a two-layer ``CLIPTextModel``. The folder written by :func:`save_folder` has SD's
+on a two-layer ``CLIPTextModel``, and by default also an attention-pooled text vector
+added to its time embedding, applied as a scale and shift in every ResNet block. The folder written by :func:`save_folder` has SD's
 diffusers layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), which
 ``difflab ti train`` / ``ti generate`` load unchanged.
 """
@@ -38,18 +39,22 @@ class MiniConfig:
     max_length: int = 24
     # Also feed the text to every ResNet block: an attention-pooled text vector added to
     # the time embedding (UNet2DConditionModel's addition_embed_type="text").
-    text_time_embedding: bool = False
+    text_time_embedding: bool = True
     # ResNet blocks apply the time (+ text) embedding as a scale and shift after their
-    # GroupNorm (resnet_time_scale_shift="scale_shift") instead of adding it before, where
-    # a GroupNorm of few channels per group cancels most of it (all of it at 1 per group).
-    time_scale_shift: bool = False
+    # GroupNorm (resnet_time_scale_shift="scale_shift") instead of a bias before it, whose
+    # part shared by a group's channels the GroupNorm cancels (all of it at one channel
+    # per group; half of it in the 64-channel level of 32 groups).
+    time_scale_shift: bool = True
+
+    # Configs written before these options existed describe UNets without them.
+    LEGACY_DEFAULTS = {"text_time_embedding": False, "time_scale_shift": False}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MiniConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown MiniConfig fields: {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        d = {**cls.LEGACY_DEFAULTS, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}}
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
