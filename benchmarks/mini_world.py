@@ -75,9 +75,9 @@ def write_concepts(data_root: Path, out: Path, n: int = 5, pick: str = "clear",
 
     if pick not in ("clear", "first"):
         raise ValueError(f"pick must be 'clear' or 'first', got {pick!r}")
-    sevens = [r for r in read_csv(data_root / "mnistm" / "train.csv") if r[1] == 7][:n]
     picks = {
-        "sevens": clear_sevens(data_root, evaluators, n) if pick == "clear" else sevens,
+        "sevens": clear_sevens(data_root, evaluators, n) if pick == "clear"
+        else [r for r in read_csv(data_root / "mnistm" / "train.csv") if r[1] == 7][:n],
         "svhn": [r for r in read_csv(data_root / "svhn" / "train.csv") if r[1] not in (3, 7)][:n],
     }
     for folder, rows in picks.items():
@@ -236,13 +236,13 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
 
 
 @torch.no_grad()
-def name_spread(model, t: int = 500, n: int = 8, seed: int = 0) -> float:
+def name_spread(sd, t: int = 500, n: int = 8, seed: int = 0) -> float:
     """How much the digit name moves the UNet's noise prediction: the standard deviation
     across the nine trained names (MNIST-M caption) of eps(z_t, t, caption), averaged over
-    ``n`` latents drawn from N(0, I) and over their elements. A model that ignores the name gives 0."""
+    ``n`` latents drawn from N(0, I) and over their elements, for a loaded model ``sd``
+    (:func:`difflab.personalize.sd.load_sd`). A model that ignores the name gives 0."""
     from difflab.t2i.captions import HELD_OUT_DIGIT, caption
 
-    sd = load_sd(model)
     z = torch.randn(n, sd.latent_channels, sd.resolution // sd.vae_downsample, sd.resolution // sd.vae_downsample,
                     generator=torch.Generator().manual_seed(seed))
     cond = sd.encode_text([caption(d, 0, named=True) for d in range(10) if d != HELD_OUT_DIGIT])
@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "spread":
         for m in args.models:
-            print(m, " ".join(f"t={t}: {name_spread(m, t):.4f}" for t in args.t))
+            sd = load_sd(m)
+            print(m, " ".join(f"t={t}: {name_spread(sd, t):.4f}" for t in args.t))
         return 0
     if args.cmd == "concepts":
         write_concepts(Path(args.data), Path(args.out), pick=args.pick, evaluators=Path(args.evaluators))
