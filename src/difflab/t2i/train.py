@@ -46,7 +46,7 @@ PathLike = Union[str, os.PathLike]
 class T2ITrainConfig:
     steps: int = 6000              # diffusion-stage optimisation steps (95 min at 1.05 steps/s, 2 cores, bf16: the shipped run)
     batch_size: int = 64
-    lr: float = 1e-3               # with p_unnamed 0.3: names learned ~2x faster than 5e-4 / 0.6 (README, "mini model")
+    lr: float = 1e-3               # with p_unnamed 0.3: in the first mini model's run, names were learned ~2x faster than with 5e-4 / 0.6
     warmup: int = 300
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
