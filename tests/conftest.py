@@ -19,3 +19,12 @@ requires_shared = pytest.mark.skipif(
 requires_evaluators = pytest.mark.skipif(
     not EVALUATORS.is_dir(), reason=f"../shared/evaluators not present at {EVALUATORS} (set DIFFLAB_SHARED)"
 )
+
+
+def zero_cross_attention(unet) -> None:
+    """Zero the output projection of every cross-attention (``attn2``) of a diffusers UNet,
+    so the caption can reach it only by another path."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            torch.nn.init.zeros_(module.to_out[0].weight)
+            torch.nn.init.zeros_(module.to_out[0].bias)

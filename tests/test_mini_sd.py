@@ -111,21 +111,17 @@ def test_name_spread_is_zero_only_when_the_text_cannot_reach_the_unet(tmp_path):
     """benchmarks/mini_world.py name_spread: 0 for a UNet that cannot see the caption (no
     pooled text path, every cross-attention output zeroed), > 0 for the same UNet with
     its cross-attention intact, and > 0 for the shipped model."""
-    from dataclasses import replace
-
+    from conftest import zero_cross_attention
     from difflab.personalize.sd import load_sd
     from difflab.t2i.model import MiniConfig, build_text_encoder, build_tokenizer, build_unet
 
     mw = load_benchmark()
     sd = load_sd(MINI, device="cpu")
     assert mw.name_spread(sd, n=2) > 1e-3
-    cfg = replace(MiniConfig(unet_channels=(32, 32), text_width=32, text_layers=1), text_time_embedding=False)
+    cfg = MiniConfig(unet_channels=(32, 32), text_width=32, text_layers=1, text_time_embedding=False)
     torch.manual_seed(0)
     sd.tokenizer = build_tokenizer(tmp_path / "tok", cfg.max_length)
     sd.text_encoder, sd.unet = build_text_encoder(cfg, sd.tokenizer).eval(), build_unet(cfg).eval()
     assert mw.name_spread(sd, n=2) > 1e-4
-    for name, module in sd.unet.named_modules():
-        if name.endswith("attn2"):
-            torch.nn.init.zeros_(module.to_out[0].weight)
-            torch.nn.init.zeros_(module.to_out[0].bias)
+    zero_cross_attention(sd.unet)
     assert mw.name_spread(sd, n=2) == 0.0

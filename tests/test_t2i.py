@@ -195,10 +195,9 @@ def test_export_copies_the_model_without_training_state(trained, tmp_path, capsy
 def _caption_effect_without_cross_attention(unet, cond):
     """Largest change of the noise prediction between two text encodings ``cond`` [2, L, d]
     when every cross-attention's output is zeroed (so text can only enter another way)."""
-    for name, module in unet.named_modules():
-        if name.endswith("attn2"):
-            torch.nn.init.zeros_(module.to_out[0].weight)
-            torch.nn.init.zeros_(module.to_out[0].bias)
+    from conftest import zero_cross_attention
+
+    zero_cross_attention(unet)
     torch.manual_seed(0)
     with torch.no_grad():
         eps = unet(torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1), torch.tensor([500, 500]), cond).sample

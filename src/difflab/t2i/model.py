@@ -3,7 +3,8 @@
 Images are the 28x28 digits resized to 32x32. The VAE halves the side (latents
 [4, 16, 16]); the UNet is a two-level ``UNet2DConditionModel`` with cross-attention
 on a two-layer ``CLIPTextModel``, and by default also an attention-pooled text vector
-added to its time embedding, applied as a scale and shift in every ResNet block. The folder written by :func:`save_folder` has SD's
+added to its time embedding, applied as a scale and shift in every ResNet block. The
+folder written by :func:`save_folder` has SD's
 diffusers layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), which
 ``difflab ti train`` / ``ti generate`` load unchanged.
 """
