@@ -66,27 +66,32 @@ def clear_sevens(data_root: Path, evaluators: Path, n: int = 5, pool: int = 1000
 
 
 def write_concepts(data_root: Path, out: Path, n: int = 5, pick: str = "clear",
-                   evaluators: Path = SHARED / "evaluators") -> None:
+                   evaluators: Path = SHARED / "evaluators", many: int = 0) -> None:
     """``out/sevens``: ``n`` MNIST-M images labelled 7, either the ``clear`` ones (see
     :func:`clear_sevens`) or the ``first`` ones in csv order; ``out/svhn``: the first ``n``
     SVHN images whose label is neither 3 nor 7, so the style images show no digit the
-    benchmark asks for."""
+    benchmark asks for. ``many`` > 0 also writes ``out/sevens_many``: the ``many`` MNIST-M
+    7s that follow the first 1,000 in csv order (every colour and writing style), to ask
+    what a token learns when no look is shared by all its images."""
     from PIL import Image
 
     if pick not in ("clear", "first"):
         raise ValueError(f"pick must be 'clear' or 'first', got {pick!r}")
+    sevens = [r for r in read_csv(data_root / "mnistm" / "train.csv") if r[1] == 7]
     picks = {
-        "sevens": clear_sevens(data_root, evaluators, n) if pick == "clear"
-        else [r for r in read_csv(data_root / "mnistm" / "train.csv") if r[1] == 7][:n],
+        "sevens": clear_sevens(data_root, evaluators, n) if pick == "clear" else sevens[:n],
         "svhn": [r for r in read_csv(data_root / "svhn" / "train.csv") if r[1] not in (3, 7)][:n],
     }
+    if many > 0:
+        picks["sevens_many"] = sevens[1000:1000 + many]
     for folder, rows in picks.items():
-        src = data_root / ("mnistm" if folder == "sevens" else "svhn") / "data"
+        src = data_root / ("mnistm" if folder.startswith("sevens") else "svhn") / "data"
         dst = out / folder
         dst.mkdir(parents=True, exist_ok=True)
         for name, label in rows:
             Image.open(src / name).convert("RGB").save(dst / f"{label}_{Path(name).stem}.png")
-        print(f"{dst}: {[f'{name} ({label})' for name, label in rows]}")
+        shown = [f"{name} ({label})" for name, label in rows]
+        print(f"{dst}: {shown if len(shown) <= 10 else shown[:3] + ['...'] + shown[-1:]} ({len(rows)} images)")
 
 
 # ---------------------------------------------------------------- domain classifier
@@ -193,7 +198,7 @@ def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, gu
 
 
 def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps: int = 50, guidance: float = 7.5,
-            seed: int = 0, named: int = 0, log=print) -> tuple[list[dict], torch.Tensor, float]:
+            seed: int = 0, named: int = 0, cases=None, log=print) -> tuple[list[dict], torch.Tensor, float]:
     """Generate ``images`` per prompt of PROMPTS with the learned embeddings and with the
     same tokens at 0 steps; return (rows, learned-embedding images [P, N, 3, 32, 32],
     domain classifier held-out accuracy). Each row: embedding, case, prompt, digit,
@@ -202,6 +207,9 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
     for p in (evaluators / "mnistm_classifier.pth", evaluators / "svhn_classifier.pth", data_root / "mnistm" / "train.csv"):
         if not p.is_file():
             raise FileNotFoundError(f"missing {p}")
+    unknown = set(cases or ()) - {name for name, _, _ in PROMPTS}
+    if unknown:
+        raise ValueError(f"unknown cases {sorted(unknown)}; the cases are {[name for name, _, _ in PROMPTS]}")
     learned, init_words = load_embeddings(embeddings)
     missing = {"<new1>", "<new2>"} - set(learned)
     if missing:
@@ -220,9 +228,10 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
                                                          guidance=guidance, seed=seed).items():
             log(f"  named digits ({form}, {named} images x 9 digits): right digit {r_digit:.3f}, SVHN domain {r_svhn:.3f}")
     rows, shown = [], []
+    prompts = [p for p in PROMPTS if cases is None or p[0] in cases]
     for label, vectors in (("learned", learned), ("0 steps", zero)):
         sd = with_embeddings(model, vectors)
-        for name, prompt, digit in PROMPTS:
+        for name, prompt, digit in prompts:
             seeds = [image_seed(seed, name, 0, i) for i in range(images)]
             t = time.time()
             imgs = sample_images(sd, prompt, seeds, steps=steps, guidance=guidance)
@@ -260,7 +269,7 @@ def evaluate(args) -> int:
     try:
         rows, shown, _ = measure(args.model, args.embeddings, args.data, args.evaluators, images=args.images,
                                  steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                 named=args.named, log=lambda m: print(m, flush=True))
+                                 named=args.named, cases=args.cases, log=lambda m: print(m, flush=True))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -271,7 +280,8 @@ def evaluate(args) -> int:
     if args.figure:
         cols = min(args.figure_columns, shown.shape[1])
         save_grid(shown[:, :cols].flatten(0, 1), args.figure, nrow=cols)
-        print(f"\nfigure: {args.figure} (rows: {', '.join(n for n, _, _ in PROMPTS)}; learned embeddings)")
+        names = [n for n, _, _ in PROMPTS if args.cases is None or n in args.cases]
+        print(f"\nfigure: {args.figure} (rows: {', '.join(names)}; learned embeddings)")
     print(f"total {time.time() - t0:.0f} s")
     return 0
 
@@ -286,6 +296,7 @@ def main(argv=None) -> int:
                    help="which 7s: the 5 the MNIST-M grader reads as 7 by the widest margin (of the first 1,000), "
                    "or the first 5 in csv order")
     c.add_argument("--evaluators", default=str(SHARED / "evaluators"), help="folder with mnistm_classifier.pth (for --pick clear)")
+    c.add_argument("--many", type=int, default=0, help="also write sevens_many/: this many MNIST-M 7s after the first 1,000 (0: none)")
     e = sub.add_parser("eval", help="generate, classify and print the rates")
     e.add_argument("--model", default=str(SHIPPED_MINI_SD), help="mini SD folder (default: the shipped one)")
     e.add_argument("--embeddings", nargs="+", default=sorted(str(f) for f in (HERE / "src/difflab/assets/embeddings").rglob("*.safetensors")),
@@ -298,6 +309,8 @@ def main(argv=None) -> int:
     e.add_argument("--seed", type=int, default=0, help="base seed of the images")
     e.add_argument("--named", type=int, default=10, help="also sample this many images for each digit name the model was "
                    "trained on (both caption forms) and report how often they show that digit (0: skip)")
+    e.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                   help="measure only these prompts, by case name (default: all): " + ", ".join(f"'{n}'" for n, _, _ in PROMPTS))
     e.add_argument("--figure", default="runs/mini_world.png", help="grid of samples per prompt ('' for none)")
     e.add_argument("--figure-columns", type=int, default=10, help="images per row of the figure")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -311,7 +324,7 @@ def main(argv=None) -> int:
             print(m, " ".join(f"t={t}: {name_spread(sd, t):.4f}" for t in args.t))
         return 0
     if args.cmd == "concepts":
-        write_concepts(Path(args.data), Path(args.out), pick=args.pick, evaluators=Path(args.evaluators))
+        write_concepts(Path(args.data), Path(args.out), pick=args.pick, evaluators=Path(args.evaluators), many=args.many)
         return 0
     return evaluate(args)
 

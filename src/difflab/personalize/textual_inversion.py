@@ -201,7 +201,7 @@ def load_concept_image(path: Path, resolution: int) -> Tensor:
 
 @torch.no_grad()
 def encode_concept_images(sd, files: Sequence[Path], resolution: int) -> Tuple[Tensor, Tensor]:
-    """VAE posterior of every image and its mirror: mean, std [N, 2, C, h, w] (float32).
+    """VAE posterior of every image and its mirror: mean, std [N, 2, C, h, w] (float32, CPU).
 
     Latents are sampled from these at each training step (z = mean + std * n), which is
     what encoding each step would give, without re-running the encoder.
@@ -212,8 +212,8 @@ def encode_concept_images(sd, files: Sequence[Path], resolution: int) -> Tuple[T
     means, stds = [], []
     for chunk in pair.split(4):
         dist = sd.vae.encode(chunk.to(sd.vae.device, vae_dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+        means.append(dist.mean.float().cpu())  # on the CPU, beside the CPU generator's draws
+        stds.append(dist.std.float().cpu())
     mean = torch.cat(means).unflatten(0, (len(files), 2))
     std = torch.cat(stds).unflatten(0, (len(files), 2))
     return mean, std
