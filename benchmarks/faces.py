@@ -37,7 +37,7 @@ def run_one(impl: str, batch: int, args) -> dict:
     import torch
 
     from difflab.devices import resolve_device
-    from difflab.faces.generate import FaceSampling, sample_faces
+    from difflab.faces.generate import FaceSampling, face_denoiser, sample_faces
     from difflab.nets.face_unet import FaceUNet
 
     if args.threads:
@@ -50,13 +50,7 @@ def run_one(impl: str, batch: int, args) -> dict:
     noise = torch.randn(batch, 3, args.size, args.size, generator=g)
 
     if impl == "ours":
-        from difflab.nets.face_unet import FaceDenoiser
-
-        cl = args.channels_last == "on"
-        model = model.to(device)
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
-        den = FaceDenoiser(model, channels_last=cl)
+        den = face_denoiser(model, device, channels_last=args.channels_last == "on")
 
         def work():
             return sample_faces(den, noise, recipe, batch_size=batch, device=device)
