@@ -44,9 +44,12 @@ PROMPTS = (
 
 
 # ----------------------------------------------------------------------- concepts
-def clear_sevens(data_root: Path, evaluators: Path, n: int = 5, pool: int = 1000) -> list[tuple[str, int]]:
-    """The ``n`` MNIST-M 7s, among the first ``pool`` in csv order, that the course's
-    MNIST-M classifier reads as 7 by the widest margin (log p(7) minus the largest other
+SEVENS_POOL = 1000  # the 7s (csv order) the clear ones are picked from; sevens_many/ starts after them
+
+
+def clear_sevens(rows: list[tuple[str, int]], images: Path, evaluators: Path, n: int = 5) -> list[tuple[str, int]]:
+    """The ``n`` of the MNIST-M 7s ``rows`` (files in ``images``) that the course's MNIST-M
+    classifier reads as 7 by the widest margin (log p(7) minus the largest other
     log-probability): clear, upright examples, as a user would pick clear photos of a dog.
     The first ``n`` 7s in csv order mix curled 7s (read as 9-like) with a 1-like stroke."""
     import numpy as np
@@ -54,8 +57,7 @@ def clear_sevens(data_root: Path, evaluators: Path, n: int = 5, pool: int = 1000
 
     from difflab.digits.evaluate import load_classifier
 
-    rows = [r for r in read_csv(data_root / "mnistm" / "train.csv") if r[1] == 7][:pool]
-    x = torch.stack([torch.from_numpy(np.array(Image.open(data_root / "mnistm" / "data" / name).convert("RGB")))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(images / name).convert("RGB")))
                      for name, _ in rows]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         logp = load_classifier("mnistm", evaluators / "mnistm_classifier.pth")(x).log_softmax(1)
@@ -79,11 +81,12 @@ def write_concepts(data_root: Path, out: Path, n: int = 5, pick: str = "clear",
         raise ValueError(f"pick must be 'clear' or 'first', got {pick!r}")
     sevens = [r for r in read_csv(data_root / "mnistm" / "train.csv") if r[1] == 7]
     picks = {
-        "sevens": clear_sevens(data_root, evaluators, n) if pick == "clear" else sevens[:n],
+        "sevens": clear_sevens(sevens[:SEVENS_POOL], data_root / "mnistm" / "data", evaluators, n) if pick == "clear"
+        else sevens[:n],
         "svhn": [r for r in read_csv(data_root / "svhn" / "train.csv") if r[1] not in (3, 7)][:n],
     }
     if many > 0:
-        picks["sevens_many"] = sevens[1000:1000 + many]
+        picks["sevens_many"] = sevens[SEVENS_POOL:SEVENS_POOL + many]
     for folder, rows in picks.items():
         src = data_root / ("mnistm" if folder.startswith("sevens") else "svhn") / "data"
         dst = out / folder
@@ -280,7 +283,7 @@ def evaluate(args) -> int:
     if args.figure:
         cols = min(args.figure_columns, shown.shape[1])
         save_grid(shown[:, :cols].flatten(0, 1), args.figure, nrow=cols)
-        names = [n for n, _, _ in PROMPTS if args.cases is None or n in args.cases]
+        names = [r["case"] for r in rows if r["embedding"] == "learned"]
         print(f"\nfigure: {args.figure} (rows: {', '.join(names)}; learned embeddings)")
     print(f"total {time.time() - t0:.0f} s")
     return 0
