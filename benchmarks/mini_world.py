@@ -262,6 +262,30 @@ def name_spread(sd, t: int = 500, n: int = 8, seed: int = 0) -> float:
     return float(eps.std(0).mean())
 
 
+@torch.no_grad()
+def descriptor_embedding(run: Path, images: Path, token: str, out: Path) -> torch.Tensor:
+    """The oracle of a run trained with ``--p-descriptor``: the mean projected descriptor
+    of the images in ``images``, written as a textual-inversion embedding file for
+    ``token``. If the model draws those digits from it, the name slot can reach them and
+    the question left is whether textual inversion finds the vector."""
+    import numpy as np
+    from PIL import Image
+
+    from difflab.personalize.textual_inversion import list_concept_images, save_embedding
+    from difflab.t2i.train import load_descriptor
+
+    net, projection = load_descriptor(run)
+    files = list_concept_images(images)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((28, 28), Image.BILINEAR)))
+                     for f in files]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vectors = projection(net.features(x))
+    mean = vectors.mean(0, keepdim=True)
+    save_embedding(out, token, mean, metadata={"init_word": "digit", "source": f"mean descriptor of {len(files)} images in {images}"})
+    print(f"{out}: {token} = mean projected descriptor of {len(files)} images of {images} "
+          f"(norm {float(mean.norm()):.3f}; spread across the images {float(vectors.std(0).norm()):.3f})")
+    return mean
+
+
 def evaluate(args) -> int:
     from difflab.personalize.commands import _quiet_libraries
 
@@ -320,7 +344,17 @@ def main(argv=None) -> int:
     sp = sub.add_parser("spread", help="how much the digit name moves each model's noise prediction (name_spread)")
     sp.add_argument("models", nargs="+", help="mini SD folders (a t2i run folder holds its newest EMA export)")
     sp.add_argument("--t", type=int, nargs="+", default=[500], help="diffusion steps to measure at")
+    o = sub.add_parser("oracle", help="write the mean projected descriptor of some images as an embedding file "
+                       "(a run trained with --p-descriptor); evaluate it with eval --embeddings")
+    o.add_argument("run", help="the t2i run folder (descriptor/ and checkpoints/ with the projection)")
+    o.add_argument("--images", required=True, help="folder of images, e.g. runs/mini_concepts/sevens")
+    o.add_argument("--token", default="<new1>", help="token the vector is stored under")
+    o.add_argument("--out", required=True, help="embedding file to write (.safetensors)")
     args = p.parse_args(argv)
+    if args.cmd == "oracle":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        descriptor_embedding(Path(args.run), Path(args.images), args.token, Path(args.out))
+        return 0
     if args.cmd == "spread":
         for m in args.models:
             sd = load_sd(m)

@@ -7,7 +7,8 @@ import torch
 from difflab.checkpoint import load_json, load_tensors
 from difflab.digits.data import BalancedDigits, DigitSet
 from difflab.t2i.captions import (
-    DIGIT_NAMES, HELD_OUT_STYLE, VOCAB_WORDS, all_training_captions, caption, check_caption, draw_captions,
+    DESCRIPTOR_MARK, DIGIT_NAMES, HELD_OUT_STYLE, VOCAB_WORDS, all_training_captions, caption, check_caption,
+    draw_captions,
 )
 from difflab.t2i.model import MiniConfig, build_tokenizer
 from difflab.t2i.train import T2ITrainConfig, train_t2i
@@ -23,7 +24,9 @@ def test_caption_rules():
     assert caption(7, 0, named=True) == "a photo of a digit on a textured background"
     assert caption(7, 1, named=True) == "a photo of a digit"
     caps = all_training_captions()
-    assert len(caps) == 2 * 9 + 2 + 1  # named (9 digits x 2 sets), unnamed (2), empty
+    assert len(caps) == 2 * 9 + 2 + 2 + 1  # named (9 digits x 2 sets), unnamed (2), descriptor (2), empty
+    assert caption(7, 0, named=False, descriptor=True) == "a photo of the digit * on a textured background"
+    assert caption(2, 1, named=True, descriptor=True) == "a photo of the digit *"
     assert not any("seven" in c.split() or HELD_OUT_STYLE in c for c in caps)
     with pytest.raises(AssertionError):
         check_caption("a photo of the digit seven")
@@ -49,6 +52,72 @@ def test_caption_draw_frequencies():
     assert not any(" the digit " in c for c, d in nonempty if d == 7)
     # the named digit is the image's digit
     assert all(DIGIT_NAMES[d] in c.split() for c, d in nonempty if " the digit " in c)
+
+
+def test_descriptor_captions_are_drawn_for_every_digit_and_change_nothing_when_off():
+    n = 4000
+    g = torch.Generator().manual_seed(0)
+    digits, sets = torch.randint(10, (n,), generator=g), torch.randint(2, (n,), generator=g)
+    caps = draw_captions(digits, sets, torch.Generator().manual_seed(1), p_unnamed=0.3, p_empty=0.1, p_descriptor=0.3)
+    for c in caps:
+        check_caption(c)
+    nonempty = [(c, int(d)) for c, d in zip(caps, digits) if c]
+    marked = np.array([DESCRIPTOR_MARK in c.split() for c, _ in nonempty])
+    assert abs(marked.mean() - 0.3) < 0.025
+    sevens = np.array([DESCRIPTOR_MARK in c.split() for c, d in nonempty if d == 7])
+    assert abs(sevens.mean() - 0.3) < 0.06  # no label decides who gets a descriptor
+    # p_descriptor 0 draws exactly what the two-choice rule drew, and leaves the generator where it did
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    off = draw_captions(digits[:50], sets[:50], a, p_unnamed=0.3, p_empty=0.1, p_descriptor=0.0)
+    unnamed, empty = torch.rand(50, generator=b) < 0.3, torch.rand(50, generator=b) < 0.1
+    assert off == ["" if e else caption(int(d), int(s), named=not u) for d, s, u, e in zip(digits[:50], sets[:50], unnamed, empty)]
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_descriptor_net_sees_only_the_form_and_never_a_seven():
+    from difflab.t2i.train import DescriptorNet, named_only, train_descriptor
+
+    torch.manual_seed(0)
+    net = DescriptorNet().eval()
+    x = torch.rand(3, 3, 28, 28) * 2 - 1
+    v = net.features(x)
+    # colour and brightness do not pass: permuted channels and a dimmer, shifted copy give the same vector
+    torch.testing.assert_close(net.features(x[:, [2, 0, 1]]), v, atol=1e-4, rtol=0)
+    torch.testing.assert_close(net.features(0.5 * x + 0.3), v, atol=2e-2, rtol=0)
+    assert not torch.allclose(net.features(x.flip(-1)), v, atol=1e-3)  # the form does
+    with torch.no_grad():
+        assert bool((net(x).argmax(1) != 7).all()) and float(net(x)[:, 7].max()) < -1e3  # 7 cannot be the answer
+    data = tiny_data(200)
+    assert any(int((lab == 7).sum()) > 0 for lab in data.labels)
+    named = named_only(data)
+    assert all(int((lab == 7).sum()) == 0 for lab in named.labels)
+    assert [len(lab) for lab in named.labels] == [int((lab != 7).sum()) for lab in data.labels]
+    trained, facts = train_descriptor(data, tiny_cfg(descriptor_steps=2), progress=False)
+    assert facts["descriptor_steps"] == 2 and not any(p.requires_grad for p in trained.parameters())
+
+
+def test_splice_replaces_only_the_mark(tmp_path):
+    from difflab.t2i.model import build_text_encoder
+    from difflab.t2i.train import splice_descriptors
+
+    tok = build_tokenizer(tmp_path, 24)
+    text = build_text_encoder(TINY, tok).eval()
+    mark = tok.convert_tokens_to_ids(DESCRIPTOR_MARK + "</w>")
+    assert mark != tok.unk_token_id
+    caps = ["a photo of the digit * on a textured background", "a photo of the digit three", "a photo of the digit *"]
+    ids = tok(caps, padding="max_length", max_length=24, return_tensors="pt").input_ids
+    plain = text(ids)[0]
+    vectors = torch.randn(3, 32, requires_grad=True)
+    state, handle = splice_descriptors(text, mark)
+    state["vectors"] = vectors
+    spliced = text(ids)[0]
+    handle.remove()
+    assert torch.equal(spliced[1], plain[1])  # no mark: untouched
+    slot = (ids[0] == mark).nonzero().item()
+    assert torch.equal(spliced[0, :slot], plain[0, :slot])  # causal: tokens before the mark cannot see it
+    assert not torch.allclose(spliced[0, slot:], plain[0, slot:])
+    spliced[[0, 2]].sum().backward()
+    assert vectors.grad[1].abs().sum() == 0 and vectors.grad[0].abs().sum() > 0 and vectors.grad[2].abs().sum() > 0
 
 
 def test_tokenizer_has_one_token_per_word(tmp_path):
@@ -120,6 +189,47 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path):
         train_t2i(None, part, tiny_cfg(), data=tiny_data(), progress=False)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_t2i(None, tmp_path / "empty", tiny_cfg(), resume=True, data=tiny_data(), progress=False)
+
+
+def test_descriptor_training_resumes_exactly_and_exports_plain_sd(tmp_path):
+    cfg = lambda **kw: tiny_cfg(p_descriptor=0.5, descriptor_steps=2, **kw)  # noqa: E731
+    full = tmp_path / "full"
+    losses = train_t2i(None, full, cfg(), data=tiny_data(), progress=False)
+    part = tmp_path / "part"
+    train_t2i(None, part, cfg(), stop_at=3, data=tiny_data(), progress=False)
+    train_t2i(None, part, cfg(), resume=True, data=tiny_data(), progress=False)
+    for name in ("unet_ema", "projection_raw", "text_raw"):
+        a = load_tensors(full / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        b = load_tensors(part / "checkpoints" / "step_0000006" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the projection was trained (it started at the mean digit name)
+    start = train_t2i(None, tmp_path / "one", cfg(steps=1, ckpt_every=1, lr=0.0), data=tiny_data(), progress=False)
+    p0 = load_tensors(tmp_path / "one" / "checkpoints" / "step_0000001" / "projection_raw.safetensors")
+    p6 = load_tensors(full / "checkpoints" / "step_0000006" / "projection_raw.safetensors")
+    assert not torch.allclose(p0["weight"], p6["weight"]) and len(start) == 1 and len(losses) == 6
+    # the exported folder is plain SD: no descriptor network among the networks ti loads
+    for sub in ("unet", "text_encoder", "vae"):
+        assert not any("descriptor" in f.name or "projection" in f.name for f in (full / sub).iterdir())
+    with pytest.raises(ValueError, match="cannot switch descriptor captions"):
+        train_t2i(None, part, tiny_cfg(steps=9), resume=True, data=tiny_data(), progress=False)
+
+
+def test_init_from_starts_at_the_given_model(trained, tmp_path):
+    """With lr 0 a run started from a model folder keeps exactly that model's weights."""
+    src, _ = trained
+    out = tmp_path / "ft"
+    train_t2i(None, out, tiny_cfg(init_from=str(src), lr=0.0, steps=2, ckpt_every=2), data=tiny_data(), progress=False)
+    for sub in ("unet", "text_encoder", "vae"):
+        a = load_tensors(src / sub / ("diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
+        b = load_tensors(out / sub / ("diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), sub
+    facts = load_json(out / "mini_sd.json")
+    assert facts["init"]["from"] == str(src) and facts["init"]["diffusion_steps"] == 6 and facts["diffusion_steps"] == 2
+    other = MiniConfig(unet_channels=(32, 64), vae_channels=(32, 32), text_width=32, text_layers=1, attention_head_dim=8)
+    with pytest.raises(ValueError, match="does not fit"):
+        train_t2i(None, tmp_path / "bad", tiny_cfg(init_from=str(src), model=other), data=tiny_data(), progress=False)
+    with pytest.raises(FileNotFoundError, match="no vae/config.json"):
+        train_t2i(None, tmp_path / "bad2", tiny_cfg(init_from=str(tmp_path / "nothing")), data=tiny_data(), progress=False)
 
 
 def test_vae_stage_learns(tmp_path):

@@ -12,6 +12,14 @@ to learn:
 
 With probability ``p_empty`` the caption is "" (the unconditional branch of
 classifier-free guidance, the prompt SD samplers use for it).
+
+Optionally (``p_descriptor``) the name slot holds the pseudo-word ``*`` instead:
+"a photo of the digit * ...". Training replaces the input embedding of ``*`` by an
+image descriptor, a vector computed from the image itself by a small encoder trained
+jointly (:class:`difflab.t2i.train.DescriptorEncoder`). No label enters that
+caption, so it is drawn for every digit, 7 included: the text encoder's name slot
+learns to carry what an image looks like, as a large model's text space does, while
+the word for 7 stays unseen.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 HELD_OUT_DIGIT = 7
 MNISTM_SUFFIX = " on a textured background"
 HELD_OUT_STYLE = "on a house number sign"
+DESCRIPTOR_MARK = "*"  # the name slot of a descriptor caption (S*, Gal et al.'s notation)
 
 # Words given a single token each in the mini tokenizer: the captions, the held-out
 # phrases, the textual-inversion templates, and the benchmark's prompts. Any other text
@@ -38,26 +47,33 @@ VOCAB_WORDS = tuple(
 )
 
 
-def caption(digit: int, dataset: int, *, named: bool) -> str:
+def caption(digit: int, dataset: int, *, named: bool, descriptor: bool = False) -> str:
     """The caption of one image. ``dataset``: 0 MNIST-M, 1 SVHN. The held-out digit is
-    never named, whatever ``named`` says."""
+    never named, whatever ``named`` says. ``descriptor``: the name slot holds
+    DESCRIPTOR_MARK, whatever the digit (``named`` is then ignored)."""
     if not 0 <= digit <= 9:
         raise ValueError(f"digit must be 0..9, got {digit}")
     if dataset not in (0, 1):
         raise ValueError(f"dataset must be 0 (MNIST-M) or 1 (SVHN), got {dataset}")
-    what = f"the digit {DIGIT_NAMES[digit]}" if named and digit != HELD_OUT_DIGIT else "a digit"
+    if descriptor:
+        what = f"the digit {DESCRIPTOR_MARK}"
+    else:
+        what = f"the digit {DIGIT_NAMES[digit]}" if named and digit != HELD_OUT_DIGIT else "a digit"
     return f"a photo of {what}" + (MNISTM_SUFFIX if dataset == 0 else "")
 
 
 def draw_captions(digits: Tensor, datasets: Tensor, generator: torch.Generator, *,
-                  p_unnamed: float = 0.6, p_empty: float = 0.1) -> list[str]:
-    """Captions for a batch, with the random choices drawn from ``generator``."""
+                  p_unnamed: float = 0.6, p_empty: float = 0.1, p_descriptor: float = 0.0) -> list[str]:
+    """Captions for a batch, with the random choices drawn from ``generator``. A
+    non-empty caption is a descriptor caption with probability ``p_descriptor`` (drawn
+    last, and only when it is > 0, so runs without descriptors draw as before)."""
     n = len(digits)
     unnamed = torch.rand(n, generator=generator) < p_unnamed
     empty = torch.rand(n, generator=generator) < p_empty
+    descr = torch.rand(n, generator=generator) < p_descriptor if p_descriptor > 0 else torch.zeros(n, dtype=torch.bool)
     return [
-        "" if bool(e) else caption(int(d), int(s), named=not bool(u))
-        for d, s, u, e in zip(digits.tolist(), datasets.tolist(), unnamed, empty)
+        "" if bool(e) else caption(int(d), int(s), named=not bool(u), descriptor=bool(r))
+        for d, s, u, e, r in zip(digits.tolist(), datasets.tolist(), unnamed, empty, descr)
     ]
 
 
@@ -76,4 +92,5 @@ def all_training_captions() -> Sequence[str]:
         for d in range(10):
             for named in (False, True):
                 out.add(caption(d, s, named=named))
+            out.add(caption(d, s, named=False, descriptor=True))
     return sorted(out)

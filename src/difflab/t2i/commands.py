@@ -21,6 +21,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = T2ITrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_snr_gamma=args.min_snr_gamma,
         train_text_encoder=not args.freeze_text_encoder, p_unnamed=args.p_unnamed, p_empty=args.p_empty,
+        p_descriptor=args.p_descriptor, descriptor_steps=args.descriptor_steps, init_from=args.init_from or "",
         vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size, seed=args.seed, ckpt_every=args.ckpt_every,
         sample_every=args.sample_every, export_dtype=args.export_dtype, mixed_precision=args.mixed_precision,
         device=args.device, model=model,
@@ -68,6 +69,18 @@ def register(subparsers) -> None:
     t.add_argument("--freeze-text-encoder", action="store_true", help="keep the (random) text encoder frozen instead of training it jointly")
     t.add_argument("--p-unnamed", type=float, default=tc_defaults.p_unnamed, help="probability that a digit other than 7 is captioned 'a digit' instead of its name")
     t.add_argument("--p-empty", type=float, default=tc_defaults.p_empty, help="probability of the empty caption (classifier-free guidance)")
+    t.add_argument("--p-descriptor", type=float, default=tc_defaults.p_descriptor,
+                   help="probability that a non-empty caption is 'a photo of the digit * ...', with the input embedding "
+                   "of * replaced by a learned projection of the image's descriptor (the features of a small network "
+                   "trained first on the nine named digits, never on 7s). 7s get descriptors too, so the name slot "
+                   "learns to carry how any digit looks and textual inversion can reach the digit without a word. "
+                   "0: off (a run cannot switch it on or off when resumed)")
+    t.add_argument("--descriptor-steps", type=int, default=tc_defaults.descriptor_steps,
+                   help="training steps of the descriptor network (stage 1b, batch 128; only with --p-descriptor > 0)")
+    t.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start from this `difflab t2i` model folder (e.g. src/difflab/assets/mini_sd): its VAE is "
+                   "copied and its UNet and text encoder initialise the diffusion stage, which then runs --steps "
+                   "steps with a fresh optimiser and schedule. The model options must match its config")
     t.add_argument("--vae-steps", type=int, default=tc_defaults.vae_steps, help="VAE training steps (stage 1)")
     t.add_argument("--vae-batch-size", type=int, default=tc_defaults.vae_batch_size, help="images per VAE step")
     t.add_argument("--unet-channels", type=int, nargs="+", default=list(mc.unet_channels), help="UNet block_out_channels")

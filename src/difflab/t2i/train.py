@@ -8,8 +8,16 @@ Two stages, both on the captioned digits (see :mod:`difflab.t2i.captions`):
    ``OUT/vae`` in one go; a rerun with ``--resume`` reuses it.
 2. **Diffusion.** The UNet and the CLIP text encoder learn jointly with the
    epsilon-prediction loss on the (frozen) VAE latents, with caption dropout for
-   classifier-free guidance. Checkpoints in ``OUT/checkpoints/step_XXXXXXX`` (raw
-   and EMA weights, optimizer, losses) make the run resumable; every checkpoint also
+   classifier-free guidance. With ``p_descriptor`` > 0 some captions put the
+   pseudo-word ``*`` in the name slot, and its input embedding is replaced by a
+   learned projection of the image's *descriptor*: the features of a small digit
+   network (:class:`DescriptorNet`) trained first (stage 1b) on the images of the
+   nine *named* digits only, and frozen. 7s get descriptors too (no label is used to
+   compute one), so the name slot learns to carry how any digit looks, and textual
+   inversion can reach a digit that has no word. The descriptor network
+   (``OUT/descriptor``) and the projection (in each checkpoint) are training aids:
+   the exported folder is plain SD. Checkpoints in ``OUT/checkpoints/step_XXXXXXX``
+   (raw and EMA weights, optimizer, losses) make the run resumable; every checkpoint also
    exports the EMA networks to ``OUT/unet`` and ``OUT/text_encoder`` (in
    ``export_dtype``; the VAE stays float32 so a resumed run encodes exactly as before).
 
@@ -34,7 +42,7 @@ from difflab.digits.data import BalancedDigits
 from difflab.digits.model_io import latest_checkpoint
 from difflab.schedule import ddpm_loss
 from difflab.training import cosine_lr, ema_update, write_checkpoint
-from difflab.t2i.captions import check_caption, draw_captions
+from difflab.t2i.captions import DESCRIPTOR_MARK, DIGIT_NAMES, HELD_OUT_DIGIT, check_caption, draw_captions
 from difflab.t2i.model import (
     IMAGE_SIZE, MiniConfig, build_text_encoder, build_tokenizer, build_unet, build_vae, save_folder,
 )
@@ -55,6 +63,9 @@ class T2ITrainConfig:
     train_text_encoder: bool = True
     p_unnamed: float = 0.3         # caption a non-7 digit without its name
     p_empty: float = 0.1           # empty caption (classifier-free guidance)
+    p_descriptor: float = 0.0      # non-empty caption -> "a photo of the digit * ..." with * = the image's descriptor
+    descriptor_steps: int = 1500   # stage 1b: the descriptor network (about 2 min here)
+    init_from: str = ""            # start the diffusion stage from this model folder's UNet and text encoder (and VAE)
     vae_steps: int = 800           # about 9.5 min at 1.42 steps/s
     vae_batch_size: int = 64
     vae_lr: float = 1e-3
@@ -75,7 +86,9 @@ class T2ITrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.vae_steps < 0:
             raise ValueError(f"vae_steps must be >= 0, got {self.vae_steps!r}")
-        for name in ("p_unnamed", "p_empty"):
+        if self.descriptor_steps < 1:
+            raise ValueError(f"descriptor_steps must be >= 1, got {self.descriptor_steps!r}")
+        for name in ("p_unnamed", "p_empty", "p_descriptor"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.export_dtype not in ("fp16", "fp32"):
@@ -175,9 +188,138 @@ def latent_scale(latents: list[tuple[Tensor, Tensor]], generator: torch.Generato
     return float(1.0 / torch.cat(zs).std())
 
 
+# ------------------------------------------------------------ stage 1b: descriptor net
+class DescriptorNet(torch.nn.Module):
+    """A digit's form -> a ``features``-number descriptor (and 10 logits, for training).
+
+    It sees only the form: grayscale, standardised per image, so colour and brightness
+    cannot pass. Trained as a classifier of the nine named digits (the held-out digit's
+    images are never shown to it, and its logit is masked), its features still tell a 7
+    apart from the others (measured: a linear probe on them finds held-out MNIST-M 7s).
+    """
+
+    def __init__(self, hidden: int = 32, features: int = 32):
+        super().__init__()
+        act = torch.nn.SiLU()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, hidden, 3, padding=1), act,
+            torch.nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), act,
+            torch.nn.Conv2d(hidden, 2 * hidden, 3, padding=1), act,
+            torch.nn.Conv2d(2 * hidden, 2 * hidden, 3, stride=2, padding=1), act,
+            torch.nn.Flatten(), torch.nn.Linear(2 * hidden * 49, features),
+        )
+        self.norm = torch.nn.LayerNorm(features)
+        self.head = torch.nn.Linear(features, 10)
+
+    @staticmethod
+    def form(x: Tensor) -> Tensor:
+        """[B, 3, 28, 28] in [-1, 1] -> per-image standardised grayscale [B, 1, 28, 28]."""
+        g = x.float().mean(1, keepdim=True)
+        return (g - g.mean(dim=(2, 3), keepdim=True)) / (g.std(dim=(2, 3), keepdim=True) + 1e-3)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.norm(self.body(self.form(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.head(F.silu(self.features(x)))
+        return logits.index_fill(1, torch.tensor([HELD_OUT_DIGIT], device=logits.device), -1e4)
+
+
+def named_only(data: BalancedDigits) -> BalancedDigits:
+    """The same datasets without any image of the held-out digit."""
+    from difflab.digits.data import DigitSet
+
+    return BalancedDigits([DigitSet(s.name, s.images[s.labels != HELD_OUT_DIGIT], s.labels[s.labels != HELD_OUT_DIGIT])
+                           for s in data.sets])
+
+
+def train_descriptor(data: BalancedDigits, cfg: T2ITrainConfig, progress: bool) -> tuple[DescriptorNet, dict]:
+    """Stage 1b: the descriptor network, a classifier of the nine named digits (CPU, fp32)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed + 2)
+    named = named_only(data)
+    net = DescriptorNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    recent: list[float] = []
+    bar = tqdm(range(cfg.descriptor_steps), desc="t2i descriptor", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(2e-3, 100, cfg.descriptor_steps, 0.05, step)
+        x, y, _ = named.batch(_generator(cfg.seed, 3, step, 0), 128)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y.long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        recent = (recent + [float((logits.argmax(1) == y).float().mean())])[-50:]
+        if (step + 1) % 20 == 0:
+            bar.set_postfix(acc=f"{sum(recent) / len(recent):.3f}")
+    bar.close()
+    return net.eval().requires_grad_(False), {"descriptor_steps": cfg.descriptor_steps,
+                                              "descriptor_train_acc": round(sum(recent) / max(1, len(recent)), 4)}
+
+
+def splice_descriptors(text, mark_id: int):
+    """Install a forward hook on ``text``'s input embedding that replaces the rows of token
+    ``mark_id`` by ``state["vectors"][batch row]`` while ``state["vectors"]`` is set.
+    Returns (state, hook handle)."""
+    state: dict = {"vectors": None}
+
+    def hook(module, inputs, output):
+        vectors = state["vectors"]
+        if vectors is None:
+            return output
+        mask = (inputs[0] == mark_id).unsqueeze(-1)
+        return torch.where(mask, vectors.to(output.dtype).unsqueeze(1), output)
+
+    return state, text.get_input_embeddings().register_forward_hook(hook)
+
+
+def name_ids(tokenizer) -> list[int]:
+    """Token ids of the nine named digits."""
+    return [tokenizer.convert_tokens_to_ids(n + "</w>") for i, n in enumerate(DIGIT_NAMES) if i != HELD_OUT_DIGIT]
+
+
+def load_descriptor(run: PathLike) -> tuple[DescriptorNet, torch.nn.Linear]:
+    """The frozen descriptor network of a run and the projection of its newest checkpoint
+    (descriptor features -> the text encoder's input-embedding space)."""
+    run = Path(run)
+    net = DescriptorNet()
+    net.load_state_dict(load_tensors(run / "descriptor" / "descriptor.safetensors"))
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no checkpoint with a descriptor projection")
+    w = load_tensors(ckpt / "projection_raw.safetensors")
+    proj = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
+    proj.load_state_dict(w)
+    return net.eval(), proj.eval()
+
+
+def _init_from(folder: PathLike, unet, text) -> None:
+    """Load a model folder's (exported, EMA) UNet and text encoder weights into ``unet`` and ``text``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    for sub in ("unet", "text_encoder", "vae"):
+        if not (folder / sub).is_dir():
+            raise FileNotFoundError(f"--init-from {folder}: no {sub}/ folder (expected a `difflab t2i` model folder)")
+    src_u = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True)
+    src_t = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    for name, dst, src in (("unet", unet, src_u), ("text_encoder", text, src_t)):
+        try:
+            dst.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {folder}: its {name} does not fit this run's model config: {e}") from None
+
+
 # ----------------------------------------------------------------- stage 2: diffusion
-def _save_checkpoint(out: Path, step: int, unet, text, ema: dict, optimizer, cfg: T2ITrainConfig, losses: list[float]) -> Path:
+def _save_checkpoint(out: Path, step: int, unet, text, ema: dict, optimizer, cfg: T2ITrainConfig, losses: list[float],
+                     projection=None) -> Path:
     def write(folder: Path) -> None:
+        if projection is not None:
+            save_tensors(projection.state_dict(), folder / "projection_raw.safetensors")
         save_tensors(unet.state_dict(), folder / "unet_raw.safetensors")
         save_tensors(text.state_dict(), folder / "text_raw.safetensors")
         save_tensors(ema["unet"], folder / "unet_ema.safetensors")
@@ -228,6 +370,9 @@ def train_t2i(
         saved = T2ITrainConfig.from_dict(state["train_config"])
         if saved.model != cfg.model:
             raise ValueError(f"--resume: {existing} was trained with a different model config ({saved.model})")
+        if (saved.p_descriptor > 0) != (cfg.p_descriptor > 0):
+            raise ValueError(f"--resume: {existing} was trained with p_descriptor {saved.p_descriptor}; a run cannot "
+                             f"switch descriptor captions on or off (asked for {cfg.p_descriptor})")
         start, losses = int(state["step"]), list(state["losses"])
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -248,6 +393,20 @@ def train_t2i(
 
     # ---- stage 1
     t0 = time.time()
+    if cfg.init_from and not (out / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        if not (Path(cfg.init_from) / "vae" / "config.json").is_file():
+            raise FileNotFoundError(f"--init-from {cfg.init_from}: no vae/config.json (expected a `difflab t2i` model folder)")
+        vae = AutoencoderKL.from_pretrained(str(Path(cfg.init_from) / "vae"), local_files_only=True).float().eval()
+        src_facts = Path(cfg.init_from) / "mini_sd.json"
+        source = load_json(src_facts) if src_facts.is_file() else {}
+        facts.update({k: v for k, v in source.items() if k not in ("diffusion_steps", "train_config", "init")},
+                     init={"from": str(cfg.init_from), "diffusion_steps": source.get("diffusion_steps"),
+                           "train_config": source.get("train_config")})
+        if main:
+            save_folder(out, vae=vae, dtype=torch.float32, extra=facts)
+        accelerator.wait_for_everyone()
     if (out / "vae" / "config.json").is_file():
         from diffusers import AutoencoderKL
 
@@ -265,12 +424,36 @@ def train_t2i(
             save_folder(out, vae=vae, dtype=torch.float32, extra=facts)
     scale = float(vae.config.scaling_factor)
 
+    # ---- stage 1b
+    descriptor = projection = None
+    if cfg.p_descriptor > 0:
+        path = out / "descriptor" / "descriptor.safetensors"
+        if path.is_file():
+            descriptor = DescriptorNet()
+            descriptor.load_state_dict(load_tensors(path))
+            descriptor.eval().requires_grad_(False)
+        else:
+            descriptor, d_facts = train_descriptor(data, cfg, show)
+            facts.update(d_facts)
+            if main:
+                save_tensors(descriptor.state_dict(), path)
+        descriptor.to(accelerator.device)
+
     # ---- stage 2
     torch.manual_seed(cfg.seed + 1)
     unet = build_unet(cfg.model)
     text = build_text_encoder(cfg.model, tokenizer)
+    if cfg.init_from and existing is None:
+        _init_from(cfg.init_from, unet, text)
     text.requires_grad_(cfg.train_text_encoder)
     params = list(unet.parameters()) + (list(text.parameters()) if cfg.train_text_encoder else [])
+    if descriptor is not None:
+        projection = torch.nn.Linear(descriptor.norm.normalized_shape[0], cfg.model.text_width)
+        with torch.no_grad():  # start * at the mean digit name, spread like the names are
+            names = text.get_input_embeddings().weight[name_ids(tokenizer)]
+            projection.bias.copy_(names.mean(0))
+            projection.weight.normal_(0.0, float(names.std(0).mean()) / projection.in_features ** 0.5)
+        params += list(projection.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {"unet": {k: v.detach().clone().float() for k, v in unet.state_dict().items()},
            "text": {k: v.detach().clone().float() for k, v in text.state_dict().items()}}
@@ -278,8 +461,17 @@ def train_t2i(
         unet.load_state_dict(load_tensors(existing / "unet_raw.safetensors"))
         text.load_state_dict(load_tensors(existing / "text_raw.safetensors"))
         ema = {"unet": load_tensors(existing / "unet_ema.safetensors"), "text": load_tensors(existing / "text_ema.safetensors")}
+        if projection is not None:
+            projection.load_state_dict(load_tensors(existing / "projection_raw.safetensors"))
         optimizer.load_state_dict(torch.load(existing / "optimizer.pt", weights_only=True))
-    unet, text, optimizer = accelerator.prepare(unet, text, optimizer)
+    if projection is not None:
+        mark = tokenizer.convert_tokens_to_ids(DESCRIPTOR_MARK + "</w>")
+        if mark == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer in {out / 'tokenizer'} has no token for {DESCRIPTOR_MARK!r}")
+        spliced, _ = splice_descriptors(text, mark)
+        unet, text, projection, optimizer = accelerator.prepare(unet, text, projection, optimizer)
+    else:
+        unet, text, optimizer = accelerator.prepare(unet, text, optimizer)
     schedule = schedule_from_config(SCHEDULER_CONFIG)
     denoiser = UNetDenoiser(unet)
     labels = data.labels
@@ -308,7 +500,8 @@ def train_t2i(
             sel = which == k
             mean[sel], std[sel], digits[sel] = m[idx[sel]], s[idx[sel]], labels[k][idx[sel]].long()
         z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        captions = draw_captions(digits, which, g, p_unnamed=cfg.p_unnamed, p_empty=cfg.p_empty)
+        captions = draw_captions(digits, which, g, p_unnamed=cfg.p_unnamed, p_empty=cfg.p_empty,
+                                 p_descriptor=cfg.p_descriptor)
         for c in captions:
             check_caption(c)
         t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=g)
@@ -318,7 +511,11 @@ def train_t2i(
         unet.train()
         text.train(cfg.train_text_encoder)
         with accelerator.autocast():
-            with torch.set_grad_enabled(cfg.train_text_encoder):
+            if projection is not None:
+                with torch.no_grad():
+                    feats = descriptor.features(data.gather(which, idx)[0].to(dev)).float()
+                spliced["vectors"] = projection(feats)
+            with torch.set_grad_enabled(cfg.train_text_encoder or projection is not None):
                 cond = text(ids.to(dev))[0]
             loss = ddpm_loss(denoiser, schedule, z0.to(dev), t.to(dev), noise.to(dev), cond, min_snr_gamma=cfg.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
@@ -336,14 +533,16 @@ def train_t2i(
                 recent = losses[-100:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             if cfg.ckpt_every > 0 and (done % cfg.ckpt_every == 0 or done == end):
-                _save_checkpoint(out, done, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg, losses)
+                _save_checkpoint(out, done, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg,
+                                 losses, projection=accelerator.unwrap_model(projection) if projection is not None else None)
                 export(done)
             if cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == end):
                 write_sample_grid(out, out / "samples" / f"step_{done:07d}.png")
         accelerator.wait_for_everyone()
     bar.close()
     if main and cfg.ckpt_every <= 0 and end > start:
-        _save_checkpoint(out, end, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg, losses)
+        _save_checkpoint(out, end, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg,
+                         losses, projection=accelerator.unwrap_model(projection) if projection is not None else None)
         export(end)
     if show:
         print(f"trained diffusion steps {start}..{end} in {time.time() - t1:.0f} s; model folder {out}")
