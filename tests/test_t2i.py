@@ -165,6 +165,7 @@ def test_training_writes_a_loadable_sd_folder(trained):
     assert len(losses) == 6 and all(np.isfinite(losses))
     sd = load_sd(out)
     assert sd.resolution == 32 and sd.text_width == 32 and sd.latent_channels == 4
+    assert "_name_or_path" not in load_json(out / "vae" / "config.json")
     facts = load_json(out / "mini_sd.json")
     assert sd.latent_scale == pytest.approx(facts["latent_scale"]) and facts["diffusion_steps"] == 6
     # the exported UNet is the EMA of the last checkpoint (stored in fp16)
@@ -223,6 +224,7 @@ def test_init_from_starts_at_the_given_model(trained, tmp_path):
         a = load_tensors(src / sub / ("diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
         b = load_tensors(out / sub / ("diffusion_pytorch_model.safetensors" if sub != "text_encoder" else "model.safetensors"))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert "_name_or_path" not in load_json(out / "vae" / "config.json")
     facts = load_json(out / "mini_sd.json")
     assert facts["init"]["from"] == str(src) and facts["init"]["diffusion_steps"] == 6 and facts["diffusion_steps"] == 2
     other = MiniConfig(unet_channels=(32, 64), vae_channels=(32, 32), text_width=32, text_layers=1, attention_head_dim=8)

@@ -398,7 +398,10 @@ def train_t2i(
 
         if not (Path(cfg.init_from) / "vae" / "config.json").is_file():
             raise FileNotFoundError(f"--init-from {cfg.init_from}: no vae/config.json (expected a `difflab t2i` model folder)")
-        vae = AutoencoderKL.from_pretrained(str(Path(cfg.init_from) / "vae"), local_files_only=True).float().eval()
+        source_vae = AutoencoderKL.from_pretrained(str(Path(cfg.init_from) / "vae"), local_files_only=True)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(Path(cfg.init_from) / "vae")))  # no source path in it
+        vae.load_state_dict(source_vae.state_dict())
+        vae = vae.float().eval()
         src_facts = Path(cfg.init_from) / "mini_sd.json"
         source = load_json(src_facts) if src_facts.is_file() else {}
         facts.update({k: v for k, v in source.items() if k not in ("diffusion_steps", "train_config", "init")},
