@@ -268,16 +268,12 @@ def descriptor_embedding(run: Path, images: Path, token: str, out: Path) -> torc
     of the images in ``images``, written as a textual-inversion embedding file for
     ``token``. If the model draws those digits from it, the name slot can reach them and
     the question left is whether textual inversion finds the vector."""
-    import numpy as np
-    from PIL import Image
-
-    from difflab.personalize.textual_inversion import list_concept_images, save_embedding
+    from difflab.personalize.textual_inversion import list_concept_images, load_concept_image, save_embedding
     from difflab.t2i.train import load_descriptor
 
     net, projection = load_descriptor(run)
     files = list_concept_images(images)
-    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((28, 28), Image.BILINEAR)))
-                     for f in files]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.stack([load_concept_image(f, 28) for f in files])
     vectors = projection(net.features(x))
     mean = vectors.mean(0, keepdim=True)
     save_embedding(out, token, mean, metadata={"init_word": "digit", "source": f"mean descriptor of {len(files)} images in {images}"})

@@ -296,22 +296,22 @@ def load_descriptor(run: PathLike) -> tuple[DescriptorNet, torch.nn.Linear]:
     return net.eval(), proj.eval()
 
 
-def _init_from(folder: PathLike, unet, text) -> None:
-    """Load a model folder's (exported, EMA) UNet and text encoder weights into ``unet`` and ``text``."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _load_init_source(folder: PathLike):
+    """The ``--init-from`` model folder, loaded once (float32, CPU) by the project's SD loader."""
+    from difflab.personalize.sd import load_sd
 
     folder = Path(folder)
-    for sub in ("unet", "text_encoder", "vae"):
-        if not (folder / sub).is_dir():
-            raise FileNotFoundError(f"--init-from {folder}: no {sub}/ folder (expected a `difflab t2i` model folder)")
-    src_u = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True)
-    src_t = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
-    for name, dst, src in (("unet", unet, src_u), ("text_encoder", text, src_t)):
-        try:
-            dst.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
-        except RuntimeError as e:
-            raise ValueError(f"--init-from {folder}: its {name} does not fit this run's model config: {e}") from None
+    for sub in ("vae", "unet", "text_encoder"):
+        if not (folder / sub / "config.json").is_file():
+            raise FileNotFoundError(f"--init-from {folder}: no {sub}/config.json (expected a `difflab t2i` model folder)")
+    return load_sd(folder, device="cpu")
+
+
+def _copy_weights(folder: PathLike, name: str, dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    try:
+        dst.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"--init-from {folder}: its {name} does not fit this run's model config: {e}") from None
 
 
 # ----------------------------------------------------------------- stage 2: diffusion
@@ -393,20 +393,18 @@ def train_t2i(
 
     # ---- stage 1
     t0 = time.time()
-    if cfg.init_from and not (out / "vae" / "config.json").is_file():
+    source = _load_init_source(cfg.init_from) if cfg.init_from and existing is None else None
+    if source is not None and not (out / "vae" / "config.json").is_file():
         from diffusers import AutoencoderKL
 
-        if not (Path(cfg.init_from) / "vae" / "config.json").is_file():
-            raise FileNotFoundError(f"--init-from {cfg.init_from}: no vae/config.json (expected a `difflab t2i` model folder)")
-        source_vae = AutoencoderKL.from_pretrained(str(Path(cfg.init_from) / "vae"), local_files_only=True)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(Path(cfg.init_from) / "vae")))  # no source path in it
-        vae.load_state_dict(source_vae.state_dict())
-        vae = vae.float().eval()
+        _copy_weights(cfg.init_from, "vae", vae, source.vae)
+        vae.eval()
         src_facts = Path(cfg.init_from) / "mini_sd.json"
-        source = load_json(src_facts) if src_facts.is_file() else {}
-        facts.update({k: v for k, v in source.items() if k not in ("diffusion_steps", "train_config", "init")},
-                     init={"from": str(cfg.init_from), "diffusion_steps": source.get("diffusion_steps"),
-                           "train_config": source.get("train_config")})
+        known = load_json(src_facts) if src_facts.is_file() else {}
+        facts.update({k: v for k, v in known.items() if k not in ("diffusion_steps", "train_config", "init")},
+                     init={"from": str(cfg.init_from), "diffusion_steps": known.get("diffusion_steps"),
+                           "train_config": known.get("train_config")})
         if main:
             save_folder(out, vae=vae, dtype=torch.float32, extra=facts)
         accelerator.wait_for_everyone()
@@ -446,8 +444,10 @@ def train_t2i(
     torch.manual_seed(cfg.seed + 1)
     unet = build_unet(cfg.model)
     text = build_text_encoder(cfg.model, tokenizer)
-    if cfg.init_from and existing is None:
-        _init_from(cfg.init_from, unet, text)
+    if source is not None:
+        _copy_weights(cfg.init_from, "unet", unet, source.unet)
+        _copy_weights(cfg.init_from, "text_encoder", text, source.text_encoder)
+        del source
     text.requires_grad_(cfg.train_text_encoder)
     params = list(unet.parameters()) + (list(text.parameters()) if cfg.train_text_encoder else [])
     if descriptor is not None:
@@ -481,6 +481,11 @@ def train_t2i(
     rank = accelerator.process_index
     length = cfg.model.max_length
     export_dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
+
+    def checkpoint(step: int) -> None:
+        _save_checkpoint(out, step, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg,
+                         losses, projection=accelerator.unwrap_model(projection) if projection is not None else None)
+        export(step)
 
     def export(step: int) -> None:
         u = _with_weights(accelerator.unwrap_model(unet), ema["unet"])
@@ -536,17 +541,13 @@ def train_t2i(
                 recent = losses[-100:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             if cfg.ckpt_every > 0 and (done % cfg.ckpt_every == 0 or done == end):
-                _save_checkpoint(out, done, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg,
-                                 losses, projection=accelerator.unwrap_model(projection) if projection is not None else None)
-                export(done)
+                checkpoint(done)
             if cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == end):
                 write_sample_grid(out, out / "samples" / f"step_{done:07d}.png")
         accelerator.wait_for_everyone()
     bar.close()
     if main and cfg.ckpt_every <= 0 and end > start:
-        _save_checkpoint(out, end, accelerator.unwrap_model(unet), accelerator.unwrap_model(text), ema, optimizer, cfg,
-                         losses, projection=accelerator.unwrap_model(projection) if projection is not None else None)
-        export(end)
+        checkpoint(end)
     if show:
         print(f"trained diffusion steps {start}..{end} in {time.time() - t1:.0f} s; model folder {out}")
     return losses
