@@ -4,9 +4,9 @@
     python benchmarks/descriptor_probe.py --variant contrastive    # + NT-Xent over all images, 7s included
     python benchmarks/descriptor_probe.py --variant reconstruction # + decoding the form from the features
 
-Every variant trains ``difflab.t2i.train.DescriptorNet`` with the same classification
-loss on the nine named digits (never a 7), seed and batches as ``train_descriptor``;
-the two others add a loss that uses every image without its label. Then, on the last
+Every variant runs stage 1b itself (``difflab.t2i.train.train_descriptor`` at --seed 0:
+the classifier of the nine named digits, never shown a 7); the two others add, through
+its ``aux`` hook, a loss that uses every image without its label. Then, on the last
 4,000 MNIST-M images (never a label of a 7 used in training):
 
 - a linear probe (10 classes) fitted on 2,000 descriptors, scored on the other 2,000:
@@ -25,8 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from difflab.digits.data import BalancedDigits
-from difflab.t2i.train import HELD_OUT_DIGIT, DescriptorNet, _generator, named_only
-from difflab.training import cosine_lr
+from difflab.t2i.train import HELD_OUT_DIGIT, DescriptorNet, T2ITrainConfig, _generator, train_descriptor
 
 
 def augment(form: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -40,37 +39,44 @@ def augment(form: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return F.grid_sample(form, grid, padding_mode="border", align_corners=False)
 
 
+class Contrastive(torch.nn.Module):
+    """NT-Xent (temperature 0.2) between two augmented views of 128 images, labels unused."""
+
+    def __init__(self, data: BalancedDigits, weight: float):
+        super().__init__()
+        self.data, self.weight = data, weight
+        self.head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32))
+
+    def forward(self, net: DescriptorNet, step: int) -> torch.Tensor:
+        g = _generator(0, 5, step, 0)
+        form = net.form(self.data.batch(g, 128)[0])
+        z = torch.cat([F.normalize(self.head(net.norm(net.body(augment(form, g)))), dim=1) for _ in range(2)])
+        sim = (z @ z.t() / 0.2).fill_diagonal_(-1e4)
+        n = len(form)
+        return self.weight * F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+
+
+class Reconstruction(torch.nn.Module):
+    """Mean squared error of the form of 128 images decoded from their features, labels unused."""
+
+    def __init__(self, data: BalancedDigits, weight: float):
+        super().__init__()
+        self.data, self.weight = data, weight
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(32, 64 * 49), torch.nn.SiLU(), torch.nn.Unflatten(1, (64, 7, 7)),
+            torch.nn.ConvTranspose2d(64, 32, 4, 2, 1), torch.nn.SiLU(), torch.nn.ConvTranspose2d(32, 1, 4, 2, 1))
+
+    def forward(self, net: DescriptorNet, step: int) -> torch.Tensor:
+        form = net.form(self.data.batch(_generator(0, 5, step, 0), 128)[0])
+        return self.weight * F.mse_loss(self.decoder(net.norm(net.body(form))), form)
+
+
 def train(data: BalancedDigits, variant: str, steps: int, weight: float) -> DescriptorNet:
-    torch.manual_seed(2)  # train_descriptor's seed at --seed 0
-    named = named_only(data)
-    net = DescriptorNet()
-    extra = torch.nn.Identity()
-    if variant == "contrastive":
-        extra = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32))
-    elif variant == "reconstruction":
-        extra = torch.nn.Sequential(torch.nn.Linear(32, 64 * 49), torch.nn.SiLU(), torch.nn.Unflatten(1, (64, 7, 7)),
-                                    torch.nn.ConvTranspose2d(64, 32, 4, 2, 1), torch.nn.SiLU(),
-                                    torch.nn.ConvTranspose2d(32, 1, 4, 2, 1))
-    opt = torch.optim.AdamW(list(net.parameters()) + list(extra.parameters()), lr=2e-3)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(2e-3, 100, steps, 0.05, step)
-        x, y, _ = named.batch(_generator(0, 3, step, 0), 128)
-        loss = F.cross_entropy(net(x), y.long())
-        if variant != "named":
-            g = _generator(0, 5, step, 0)
-            form = net.form(data.batch(g, 128)[0])  # all images, labels unused
-            if variant == "contrastive":
-                z = torch.cat([F.normalize(extra(net.norm(net.body(augment(form, g)))), dim=1) for _ in range(2)])
-                sim = (z @ z.t() / 0.2).fill_diagonal_(-1e4)
-                n = len(form)
-                loss = loss + weight * F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
-            else:
-                loss = loss + weight * F.mse_loss(extra(net.norm(net.body(form))), form)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net.eval()
+    """Stage 1b itself (``train_descriptor`` at --seed 0), plus the variant's label-free loss."""
+    aux = {"named": None, "contrastive": Contrastive, "reconstruction": Reconstruction}[variant]
+    cfg = T2ITrainConfig(descriptor_steps=steps)
+    net, _ = train_descriptor(data, cfg, progress=True, aux=(lambda _net: aux(data, weight)) if aux else None)
+    return net
 
 
 def probe(net: DescriptorNet, data: BalancedDigits) -> dict:

@@ -96,6 +96,34 @@ def test_descriptor_net_sees_only_the_form_and_never_a_seven():
     assert facts["descriptor_steps"] == 2 and not any(p.requires_grad for p in trained.parameters())
 
 
+
+def test_descriptor_aux_loss_is_added_and_its_parameters_train():
+    """train_descriptor's ``aux`` hook (used by benchmarks/descriptor_probe.py): a zero aux
+    loss leaves the network exactly as without the hook; a real one changes it and its
+    own parameters are optimised."""
+    from difflab.t2i.train import train_descriptor
+
+    data, cfg = tiny_data(60), tiny_cfg(descriptor_steps=3)
+
+    class Aux(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.w = scale, torch.nn.Parameter(torch.ones(()))
+            self.steps = []
+
+        def forward(self, net, step):
+            self.steps.append(step)
+            return self.scale * self.w * net.norm(net.body(net.form(data.batch(torch.Generator().manual_seed(step), 8)[0]))).pow(2).mean()
+
+    plain, _ = train_descriptor(data, cfg, progress=False)
+    made = {}
+    zero, _ = train_descriptor(data, cfg, progress=False, aux=lambda net: made.setdefault("zero", Aux(0.0)))
+    real, _ = train_descriptor(data, cfg, progress=False, aux=lambda net: made.setdefault("real", Aux(1.0)))
+    for a, b in zip(plain.state_dict().values(), zero.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), real.state_dict().values()))
+    assert made["real"].steps == [0, 1, 2] and float(made["real"].w.detach()) != 1.0 and float(made["zero"].w.detach()) != 1.0
+
 def test_splice_replaces_only_the_mark(tmp_path):
     from difflab.t2i.model import build_text_encoder
     from difflab.t2i.train import splice_descriptors

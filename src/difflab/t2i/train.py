@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -233,14 +233,21 @@ def named_only(data: BalancedDigits) -> BalancedDigits:
                            for s in data.sets])
 
 
-def train_descriptor(data: BalancedDigits, cfg: T2ITrainConfig, progress: bool) -> tuple[DescriptorNet, dict]:
-    """Stage 1b: the descriptor network, a classifier of the nine named digits (CPU, fp32)."""
+def train_descriptor(data: BalancedDigits, cfg: T2ITrainConfig, progress: bool,
+                     aux: Optional[Callable[[DescriptorNet], torch.nn.Module]] = None) -> tuple[DescriptorNet, dict]:
+    """Stage 1b: the descriptor network, a classifier of the nine named digits (CPU, fp32).
+
+    :param aux: for experiments (``benchmarks/descriptor_probe.py``): builds, right after
+        the network, a module whose ``(net, step)`` call returns a loss added to the
+        classification loss; its parameters are trained too.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed + 2)
     named = named_only(data)
     net = DescriptorNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    extra = aux(net) if aux is not None else None
+    opt = torch.optim.AdamW(list(net.parameters()) + (list(extra.parameters()) if extra is not None else []), lr=2e-3)
     recent: list[float] = []
     bar = tqdm(range(cfg.descriptor_steps), desc="t2i descriptor", disable=not progress)
     for step in bar:
@@ -249,6 +256,8 @@ def train_descriptor(data: BalancedDigits, cfg: T2ITrainConfig, progress: bool) 
         x, y, _ = named.batch(_generator(cfg.seed, 3, step, 0), 128)
         logits = net(x)
         loss = F.cross_entropy(logits, y.long())
+        if extra is not None:
+            loss = loss + extra(net, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,19 +290,25 @@ def name_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(n + "</w>") for i, n in enumerate(DIGIT_NAMES) if i != HELD_OUT_DIGIT]
 
 
+def read_descriptor_net(path: PathLike) -> DescriptorNet:
+    """A saved descriptor network (``OUT/descriptor/descriptor.safetensors``), frozen."""
+    net = DescriptorNet()
+    net.load_state_dict(load_tensors(path))
+    return net.eval().requires_grad_(False)
+
+
 def load_descriptor(run: PathLike) -> tuple[DescriptorNet, torch.nn.Linear]:
     """The frozen descriptor network of a run and the projection of its newest checkpoint
     (descriptor features -> the text encoder's input-embedding space)."""
     run = Path(run)
-    net = DescriptorNet()
-    net.load_state_dict(load_tensors(run / "descriptor" / "descriptor.safetensors"))
+    net = read_descriptor_net(run / "descriptor" / "descriptor.safetensors")
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"{run}: no checkpoint with a descriptor projection")
     w = load_tensors(ckpt / "projection_raw.safetensors")
     proj = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
     proj.load_state_dict(w)
-    return net.eval(), proj.eval()
+    return net, proj.eval()
 
 
 def _load_init_source(folder: PathLike):
@@ -430,9 +445,7 @@ def train_t2i(
     if cfg.p_descriptor > 0:
         path = out / "descriptor" / "descriptor.safetensors"
         if path.is_file():
-            descriptor = DescriptorNet()
-            descriptor.load_state_dict(load_tensors(path))
-            descriptor.eval().requires_grad_(False)
+            descriptor = read_descriptor_net(path)
         else:
             descriptor, d_facts = train_descriptor(data, cfg, show)
             facts.update(d_facts)
