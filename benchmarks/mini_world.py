@@ -1,9 +1,12 @@
 """Does textual inversion learn? Measured on the mini SD-format model (``difflab t2i``).
 
     python benchmarks/mini_world.py concepts --out runs/mini_concepts
-        # 5 MNIST-M images of the digit 7 (sevens/) and 5 SVHN images (svhn/) from ../shared
+        # 5 MNIST-M images of the digit 7 (sevens/) and 5 SVHN images (svhn/; svhn_named/ adds a
+        # caption file to each) from ../shared
     difflab ti train --sd src/difflab/assets/mini_sd --concept-dir runs/mini_concepts/sevens \\
         --token "<new1>" --init-word digit --out runs/mini_emb/new1.safetensors ...
+    difflab ti train --sd src/difflab/assets/mini_sd --concept-dir runs/mini_concepts/svhn_named \\
+        --token "<new2>" --init-word photo --property style --out runs/mini_emb/new2.safetensors ...
     python benchmarks/mini_world.py eval --embeddings runs/mini_emb/new1.safetensors runs/mini_emb/new2.safetensors
 
 ``eval`` generates 25 images per prompt, classifies each one's domain (MNIST-M or SVHN)
@@ -29,6 +32,7 @@ from difflab.imageio import save_grid
 from difflab.personalize.generate import SHIPPED_MINI_SD, image_seed, sample_images
 from difflab.personalize.sd import load_sd
 from difflab.personalize.textual_inversion import add_concept, init_vectors, read_embedding_file
+from difflab.t2i.captions import DIGIT_NAMES
 
 HERE = Path(__file__).resolve().parents[1]
 SHARED = HERE.parent / "shared"
@@ -74,7 +78,10 @@ def write_concepts(data_root: Path, out: Path, n: int = 5, pick: str = "clear",
     SVHN images whose label is neither 3 nor 7, so the style images show no digit the
     benchmark asks for. ``many`` > 0 also writes ``out/sevens_many``: the ``many`` MNIST-M
     7s that follow the first 1,000 in csv order (every colour and writing style), to ask
-    what a token learns when no look is shared by all its images."""
+    what a token learns when no look is shared by all its images. ``out/svhn_named`` holds
+    the images of ``out/svhn`` with a caption file each (``difflab ti train`` reads
+    ``IMAGE.txt``) naming its digit: "a photo of the digit two in the style of {}", so the
+    style token need not learn which digits its images show."""
     from PIL import Image
 
     if pick not in ("clear", "first"):
@@ -95,6 +102,13 @@ def write_concepts(data_root: Path, out: Path, n: int = 5, pick: str = "clear",
             Image.open(src / name).convert("RGB").save(dst / f"{label}_{Path(name).stem}.png")
         shown = [f"{name} ({label})" for name, label in rows]
         print(f"{dst}: {shown if len(shown) <= 10 else shown[:3] + ['...'] + shown[-1:]} ({len(rows)} images)")
+    named = out / "svhn_named"
+    named.mkdir(parents=True, exist_ok=True)
+    for name, label in picks["svhn"]:
+        stem = f"{label}_{Path(name).stem}"
+        Image.open(data_root / "svhn" / "data" / name).convert("RGB").save(named / f"{stem}.png")
+        (named / f"{stem}.txt").write_text(f"a photo of the digit {DIGIT_NAMES[label]} in the style of {{}}\n")
+    print(f"{named}: the same images, each with a caption file naming its digit")
 
 
 # ---------------------------------------------------------------- domain classifier
@@ -201,11 +215,13 @@ def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, gu
 
 
 def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps: int = 50, guidance: float = 7.5,
-            seed: int = 0, named: int = 0, cases=None, log=print) -> tuple[list[dict], torch.Tensor, float]:
-    """Generate ``images`` per prompt of PROMPTS with the learned embeddings and with the
-    same tokens at 0 steps; return (rows, learned-embedding images [P, N, 3, 32, 32],
-    domain classifier held-out accuracy). Each row: embedding, case, prompt, digit,
-    rate of that digit, rate of the SVHN domain, digit predictions, seconds."""
+            seeds=(0,), named: int = 0, cases=None, log=print) -> tuple[list[dict], torch.Tensor, float]:
+    """Generate ``images`` per prompt of PROMPTS and per base seed in ``seeds`` (each seed
+    its own starting noises) with the learned embeddings and with the same tokens at 0
+    steps; return (rows, the first seed's learned-embedding images [P, N, 3, 32, 32],
+    domain classifier held-out accuracy). Each row: seed, embedding, case, prompt, digit,
+    rate of that digit, rate of the SVHN domain, digit predictions, seconds. The named
+    digits (``named`` > 0) are sampled at the first seed."""
     evaluators, data_root = Path(evaluators), Path(data_root)
     for p in (evaluators / "mnistm_classifier.pth", evaluators / "svhn_classifier.pth", data_root / "mnistm" / "train.csv"):
         if not p.is_file():
@@ -228,22 +244,23 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
     log(f"model {model}; {images} images per prompt, DDIM {steps} steps, guidance s={guidance}; init words {init_words}")
     if named:
         for form, (r_digit, r_svhn) in named_digit_rates(probe, domain_net, digit_nets, images=named, steps=steps,
-                                                         guidance=guidance, seed=seed).items():
+                                                         guidance=guidance, seed=seeds[0]).items():
             log(f"  named digits ({form}, {named} images x 9 digits): right digit {r_digit:.3f}, SVHN domain {r_svhn:.3f}")
     rows, shown = [], []
     prompts = [p for p in PROMPTS if cases is None or p[0] in cases]
-    for label, vectors in (("learned", learned), ("0 steps", zero)):
-        sd = with_embeddings(model, vectors)
-        for name, prompt, digit in prompts:
-            seeds = [image_seed(seed, name, 0, i) for i in range(images)]
-            t = time.time()
-            imgs = sample_images(sd, prompt, seeds, steps=steps, guidance=guidance)
-            r_digit, r_svhn, preds = rates(imgs, digit, domain_net, digit_nets)
-            rows.append(dict(embedding=label, case=name, prompt=prompt, digit=digit, rate_digit=r_digit,
-                             rate_svhn=r_svhn, predictions=preds, seconds=time.time() - t))
-            if label == "learned":
-                shown.append(imgs)
-            log(f"  {label:8s} {name:26s} {digit}: {r_digit:.2f}  SVHN: {r_svhn:.2f}  digits {preds}")
+    for seed in seeds:
+        for label, vectors in (("learned", learned), ("0 steps", zero)):
+            sd = with_embeddings(model, vectors)
+            for name, prompt, digit in prompts:
+                t = time.time()
+                imgs = sample_images(sd, prompt, [image_seed(seed, name, 0, i) for i in range(images)], steps=steps,
+                                     guidance=guidance)
+                r_digit, r_svhn, preds = rates(imgs, digit, domain_net, digit_nets)
+                rows.append(dict(seed=seed, embedding=label, case=name, prompt=prompt, digit=digit, rate_digit=r_digit,
+                                 rate_svhn=r_svhn, predictions=preds, seconds=time.time() - t))
+                if label == "learned" and seed == seeds[0]:
+                    shown.append(imgs)
+                log(f"  seed {seed} {label:8s} {name:26s} {digit}: {r_digit:.2f}  SVHN: {r_svhn:.2f}  digits {preds}")
     return rows, torch.stack(shown), domain_acc
 
 
@@ -291,15 +308,22 @@ def evaluate(args) -> int:
     t0 = time.time()
     try:
         rows, shown, _ = measure(args.model, args.embeddings, args.data, args.evaluators, images=args.images,
-                                 steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                 steps=args.steps, guidance=args.guidance, seeds=args.seeds,
                                  named=args.named, cases=args.cases, log=lambda m: print(m, flush=True))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n| embedding | case | prompt | rate of digit | rate SVHN domain |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['embedding']} | {r['case']} | `{r['prompt']}` | {r['digit']}: {r['rate_digit']:.2f} | {r['rate_svhn']:.2f} |")
+    several = len(args.seeds) > 1
+    print(f"\n| embedding | case | prompt | {'per seed ' + ' / '.join(map(str, args.seeds)) + ' | ' if several else ''}"
+          f"rate of digit | rate SVHN domain |")
+    print("|---|---|---|" + ("---|" if several else "") + "---|---|")
+    for label, name, prompt, digit in [(r["embedding"], r["case"], r["prompt"], r["digit"]) for r in rows if r["seed"] == args.seeds[0]]:
+        mine = [r for r in rows if (r["embedding"], r["case"]) == (label, name)]
+        per = " / ".join(f"{r['rate_digit']:.2f}" for r in mine) + " | " if several else ""
+        pooled = sum(r["rate_digit"] for r in mine) / len(mine), sum(r["rate_svhn"] for r in mine) / len(mine)
+        print(f"| {label} | {name} | `{prompt}` | {per}{digit}: {pooled[0]:.2f} | {pooled[1]:.2f} |")
+    if several:
+        print(f"(rates over all {args.images * len(args.seeds)} images of each prompt; per seed: the digit rate of its {args.images})")
     if args.figure:
         cols = min(args.figure_columns, shown.shape[1])
         save_grid(shown[:, :cols].flatten(0, 1), args.figure, nrow=cols)
@@ -329,7 +353,9 @@ def main(argv=None) -> int:
     e.add_argument("--images", type=int, default=25, help="images per prompt")
     e.add_argument("--steps", type=int, default=50, help="DDIM steps")
     e.add_argument("--guidance", type=float, default=7.5, help="guidance scale s (SD convention)")
-    e.add_argument("--seed", type=int, default=0, help="base seed of the images")
+    e.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0],
+                   help="base seeds of the images: each gives every prompt its own --images starting noises, and the "
+                   "table reports the rates over all of them (and per seed)")
     e.add_argument("--named", type=int, default=10, help="also sample this many images for each digit name the model was "
                    "trained on (both caption forms) and report how often they show that digit (0: skip)")
     e.add_argument("--cases", nargs="+", default=None, metavar="CASE",

@@ -220,6 +220,19 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path):
         train_t2i(None, tmp_path / "empty", tiny_cfg(), resume=True, data=tiny_data(), progress=False)
 
 
+def test_a_resumed_leg_with_other_options_is_recorded(tmp_path):
+    """mini_sd.json keeps the history: resuming with the same options adds nothing; a leg
+    that changes options records the step it started at and each change, before -> now."""
+    out = tmp_path / "run"
+    train_t2i(None, out, tiny_cfg(), stop_at=3, data=tiny_data(), progress=False)
+    train_t2i(None, out, tiny_cfg(), resume=True, data=tiny_data(), progress=False)
+    assert "legs" not in load_json(out / "mini_sd.json")
+    train_t2i(None, out, tiny_cfg(steps=8, p_unnamed=0.5, ckpt_every=4), resume=True, data=tiny_data(), progress=False)
+    facts = load_json(out / "mini_sd.json")
+    assert facts["legs"] == [{"from_step": 6, "changed": {"p_unnamed": [0.3, 0.5], "steps": [6, 8]}}]
+    assert facts["diffusion_steps"] == 8 and facts["train_config"]["p_unnamed"] == 0.5
+
+
 def test_descriptor_training_resumes_exactly_and_exports_plain_sd(tmp_path):
     cfg = lambda **kw: tiny_cfg(p_descriptor=0.5, descriptor_steps=2, **kw)  # noqa: E731
     full = tmp_path / "full"

@@ -261,3 +261,73 @@ def test_training_on_cuda_follows_the_cpu_run(model_dir, concept_dir, tmp_path):
     moved = (a - init).abs().mean()
     assert moved > 0
     assert (b - a).abs().mean() < 0.1 * moved
+
+
+def test_caption_files_give_each_image_its_own_templates(model_dir, concept_dir, tmp_path, monkeypatch):
+    """IMAGE.txt beside an image: its templates, and only its, caption that image (the
+    latents are marked with the image's index to see which image each prompt went
+    with); images without one use --templates. Caption files equal to the shared
+    templates learn exactly what no caption files learn; a bad one fails, naming it."""
+    import json
+
+    from safetensors import safe_open
+
+    import difflab.schedule as schedule
+    from difflab.personalize import sd as sd_module
+
+    tpl = tmp_path / "templates.txt"
+    tpl.write_text("a photo of the digit {}\n")
+    own = {0: ["a photo of the digit two in the style of {}", "a photo of the digit {}"], 1: ["a photo of a {}"]}
+    for k, lines in own.items():
+        (concept_dir / f"{k:02d}.txt").write_text("# caption\n" + "\n".join(lines) + "\n")
+
+    def marked(sd, files, resolution):
+        n, c, r = len(files), sd.latent_channels, resolution // sd.vae_downsample
+        return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1).expand(n, 2, c, r, r).clone(), torch.zeros(n, 2, c, r, r)
+
+    seen = []
+    real_encode = sd_module.StableDiffusion.encode_text
+    real_loss = schedule.ddpm_loss
+
+    def recording_encode(self, prompts, *a, **kw):
+        seen.append(list(prompts))
+        return real_encode(self, prompts, *a, **kw)
+
+    def recording_loss(denoiser, sched, z0, *a, **kw):
+        seen[-1] = list(zip(seen[-1], z0.flatten(1)[:, 0].tolist()))
+        return real_loss(denoiser, sched, z0, *a, **kw)
+
+    monkeypatch.setattr(ti, "encode_concept_images", marked)
+    monkeypatch.setattr(sd_module.StableDiffusion, "encode_text", recording_encode)
+    monkeypatch.setattr(schedule, "ddpm_loss", recording_loss)
+    sd = load_sd(model_dir)
+    out = tmp_path / "own.safetensors"
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, out, steps=12, batch_size=4, templates=str(tpl)), sd=sd)
+    expected = {k: {t.format("<new1>") for t in lines} for k, lines in {**own, 2: ["a photo of the digit {}"]}.items()}
+    pairs = [(p, round(z / sd.latent_scale)) for step in seen for p, z in step]
+    assert len(pairs) == 48
+    for prompt, image in pairs:
+        assert prompt in expected[image], (prompt, image)
+    used = {(p, i) for p, i in pairs}
+    assert used == {(p, i) for i, ps in expected.items() for p in ps}  # every image and template came up
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["captions"]) == {"00.png": own[0], "01.png": own[1]}
+
+    # Caption files that say what --templates says: the very same draws and embedding.
+    monkeypatch.undo()
+    tpl.write_text("a photo of the digit {}\na photo of a {}\n")
+    for k in range(3):
+        (concept_dir / f"{k:02d}.txt").write_text("a photo of the digit {}\na photo of a {}\n")
+    same = tmp_path / "same.safetensors"
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, same, templates=str(tpl)))
+    for k in range(3):
+        (concept_dir / f"{k:02d}.txt").unlink()
+    plain = tmp_path / "plain.safetensors"
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, plain, templates=str(tpl)))
+    assert torch.equal(ti.read_embedding_file(same)["<new1>"], ti.read_embedding_file(plain)["<new1>"])
+
+    (concept_dir / "01.txt").write_text("a photo of {} and {}\n")
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(ValueError, match=r"01\.txt, line 1: a template needs exactly one"):
+        ti.train_textual_inversion(cfg_for(model_dir, concept_dir, bad))
+    assert not bad.exists() and not ti.state_path(bad).exists()

@@ -86,7 +86,9 @@ def register(subparsers) -> None:
         "Run under `accelerate launch` for several GPUs.",
     )
     t.add_argument("--sd", required=True, help=SD_HELP)
-    t.add_argument("--concept-dir", required=True, help="folder of images of the concept (.jpg .jpeg .png .webp .bmp)")
+    t.add_argument("--concept-dir", required=True, help="folder of images of the concept (.jpg .jpeg .png .webp .bmp). An image may have a caption file "
+                   "beside it, the same name ending in .txt (00.png: 00.txt), in the --templates format; its templates "
+                   "replace the others for that image, e.g. to name what the image shows besides the concept")
     t.add_argument("--token", required=True, help='the new token, e.g. "<new1>" (must not be in the vocabulary)')
     t.add_argument("--init-word", required=True, help="word whose embedding initialises the token, e.g. dog or painting")
     t.add_argument("--out", required=True, help="output .safetensors: {token: [num_vectors, width]}, readable by diffusers' load_textual_inversion")

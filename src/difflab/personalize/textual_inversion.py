@@ -16,6 +16,8 @@ prompts to ``tok tok_1 ... tok_{n-1}`` (diffusers' naming for multi-vector token
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -273,23 +275,46 @@ class TrainConfig:
             raise ValueError(f"--out must end in .safetensors, got {self.out!r}")
 
 
-def read_templates(path: PathLike) -> Tuple[str, ...]:
-    """Caption templates from a text file: one per line, each with exactly one ``{}``
-    where the token goes; blank lines and lines starting with ``#`` are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"templates file not found: {path}")
+def parse_templates(text: str, source: str) -> Tuple[str, ...]:
+    """Caption templates, one per line, each with exactly one ``{}`` where the token
+    goes; blank lines and lines starting with ``#`` are skipped. ``source`` names the
+    file in errors."""
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
-            raise ValueError(f"{path}, line {n}: a template needs exactly one '{{}}' (where the token goes) and no other braces, got {line!r}")
+            raise ValueError(f"{source}, line {n}: a template needs exactly one '{{}}' (where the token goes) and no other braces, got {line!r}")
         out.append(line)
     if not out:
-        raise ValueError(f"templates file {path} has no templates")
+        raise ValueError(f"templates file {source} has no templates")
     return tuple(out)
+
+
+def read_templates(path: PathLike) -> Tuple[str, ...]:
+    """Caption templates from a text file (``parse_templates``'s format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"templates file not found: {path}")
+    return parse_templates(path.read_text(encoding="utf-8"), str(path))
+
+
+def caption_file(image: Path) -> Path:
+    """The per-image caption file of a concept image: the same name ending in ``.txt``."""
+    return image.with_suffix(".txt")
+
+
+def image_templates(files: Sequence[Path], default: Tuple[str, ...]) -> List[Tuple[str, ...]]:
+    """The caption templates of each concept image: its caption file's (``IMAGE.txt``
+    beside ``IMAGE.png``, in ``parse_templates``'s format) where there is one, else
+    ``default``. A caption file can say what the image shows besides the concept
+    ("a photo of the digit two in the style of {}"), so the token need not learn it."""
+    out = []
+    for f in files:
+        c = caption_file(f)
+        out.append(parse_templates(c.read_text(encoding="utf-8"), str(c)) if c.is_file() else default)
+    return out
 
 
 def state_path(out: PathLike) -> Path:
@@ -351,6 +376,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     files = list_concept_images(cfg.concept_dir)  # fail before loading anything big
     for f in files:
         load_concept_image(f, 8)
+    templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
+    captions = image_templates(files, templates)
     others: Dict[str, Tensor] = {}
     for f in cfg.embeddings:
         others.update(read_embedding_file(f))
@@ -382,11 +409,16 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     optimizer = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
     start = 0
-    templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
     meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors), "seed": str(cfg.seed),
             "flip_p": str(cfg.flip_p)}
     if cfg.templates:
         meta["templates"] = "\n".join(templates)
+    own = {f.name: list(c) for f, c in zip(files, captions) if caption_file(f).is_file()}
+    if own:
+        meta["captions"] = json.dumps(own)
+    # One draw per image picks its template: uniform over every image's list, and the
+    # same draws as a single template list when no image has a caption file.
+    draws = math.lcm(*(len(c) for c in captions))
     if cfg.resume:
         tensors, start = _load_state(cfg.resume, cfg.token, tuple(param.shape))
         with torch.no_grad():
@@ -415,12 +447,12 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
         b = cfg.batch_size
         idx = torch.randint(len(files), (b,), generator=generator)
         flip = (torch.rand((b,), generator=generator) < cfg.flip_p).long()
-        which = torch.randint(len(templates), (b,), generator=generator)
+        which = torch.randint(draws, (b,), generator=generator)
         z_noise = torch.randn((b, *mean.shape[2:]), generator=generator)
         t = torch.randint(sd.schedule.num_steps, (b,), generator=generator)
         noise = torch.randn((b, *mean.shape[2:]), generator=generator)
         z0 = (mean[idx, flip] + std[idx, flip] * z_noise) * sd.latent_scale
-        prompts = [templates[int(k)].format(cfg.token) for k in which]
+        prompts = [captions[int(i)][int(k) % len(captions[int(i)])].format(cfg.token) for i, k in zip(idx, which)]
         with accelerator.autocast():
             cond = sd.encode_text(prompts)
             loss = ddpm_loss(denoiser, sd.schedule, z0.to(device), t.to(device), noise.to(device), cond)

@@ -351,6 +351,14 @@ def _with_weights(model: torch.nn.Module, state: dict[str, Tensor]) -> torch.nn.
     return m.eval()
 
 
+def config_changes(old: T2ITrainConfig, new: T2ITrainConfig) -> dict:
+    """The training options a resumed leg changes: {option: [before, now]} (where it runs
+    and how often it reports are left out)."""
+    a, b = old.to_dict(), new.to_dict()
+    ignore = {"device", "ckpt_every", "sample_every", "keep_checkpoints"}
+    return {k: [a.get(k), b[k]] for k in sorted(b) if k not in ignore and a.get(k) != b[k]}
+
+
 def train_t2i(
     data_root: PathLike,
     out: PathLike,
@@ -379,7 +387,7 @@ def train_t2i(
         raise FileNotFoundError(f"--resume: nothing to resume in {out} (no vae/ and no checkpoints/)")
     if not resume and (existing is not None or (out / "vae").exists()):
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
-    start, losses = 0, []
+    start, losses, changed = 0, [], {}
     if existing is not None:
         state = load_json(existing / "state.json")
         saved = T2ITrainConfig.from_dict(state["train_config"])
@@ -389,6 +397,7 @@ def train_t2i(
             raise ValueError(f"--resume: {existing} was trained with p_descriptor {saved.p_descriptor}; a run cannot "
                              f"switch descriptor captions on or off (asked for {cfg.p_descriptor})")
         start, losses = int(state["step"]), list(state["losses"])
+        changed = config_changes(saved, cfg)
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
@@ -405,6 +414,8 @@ def train_t2i(
 
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
     facts: dict = load_json(out / "mini_sd.json") if (out / "mini_sd.json").is_file() else {}
+    if changed:  # a leg with other options: keep the history, train_config holds only the newest
+        facts["legs"] = facts.get("legs", []) + [{"from_step": start, "changed": changed}]
 
     # ---- stage 1
     t0 = time.time()
