@@ -142,21 +142,29 @@ def test_eval_reports_the_rates_over_all_seeds(monkeypatch, capsys):
 @requires_shared
 @requires_evaluators
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 7's bars are not all met at the default seed 0: object 0.84 (bar 0.90), style 0.72 threes (bar 0.80), "
-    "object control 0.44 (asked: near chance); seeds 1-3 meet both bars; see README, mini model. Remove this mark "
-    "once it passes."))
+    "issue 7's object control is not near chance: 0.52 sevens over 200 images (every 7 is captioned 'a digit'); "
+    "the object (0.92) and style (0.86 three / 1.00 SVHN) bars pass over the same 200; see README, mini model. "
+    "Remove this mark once it passes."))
 def test_shipped_embeddings_pass_the_issue_bar():
-    """Issue 7's acceptance numbers, as benchmarks/mini_world.py measures them (25 images
-    per prompt, DDIM 50, s = 7.5): the object prompt is a 7 at least 90% of the time; the
-    style prompt is a 3 and SVHN at least 80% of the time each; learning beats 0 steps."""
+    """Issue 7's acceptance numbers, as benchmarks/mini_world.py measures them (DDIM 50,
+    s = 7.5), over 200 images per prompt (eight seeds of 25; one 25-image rate has a
+    standard error of about 0.07): the object prompt is a 7 at least 90% of the time; the
+    style prompt is a 3 and SVHN at least 80% of the time each; learning beats 0 steps; the
+    control prompt without the token is a 7 near chance (at most 0.3)."""
     mw = load_benchmark()
-    rows, _, domain_acc = mw.measure(MINI, shipped_embedding_files(), HW2_DATA / "digits", EVALUATORS, log=lambda m: None)
+    rows, _, domain_acc = mw.measure(MINI, shipped_embedding_files(), HW2_DATA / "digits", EVALUATORS, seeds=range(8),
+                                     cases=["object", "style", "object control"], log=lambda m: None)
     assert domain_acc > 0.95  # measured 0.982 (1,500 steps); the bar below is what fails
-    r = {(row["embedding"], row["case"]): row for row in rows}
-    assert r["learned", "object"]["rate_digit"] >= 0.9
-    assert r["learned", "style"]["rate_digit"] >= 0.8 and r["learned", "style"]["rate_svhn"] >= 0.8
-    assert r["learned", "object"]["rate_digit"] > r["0 steps", "object"]["rate_digit"]
-    assert r["learned", "object control"]["rate_digit"] <= 0.3
+
+    def rate(embedding, case, key="rate_digit"):
+        mine = [row[key] for row in rows if (row["embedding"], row["case"]) == (embedding, case)]
+        assert len(mine) == 8
+        return sum(mine) / len(mine)
+
+    assert rate("learned", "object") >= 0.9
+    assert rate("learned", "style") >= 0.8 and rate("learned", "style", "rate_svhn") >= 0.8
+    assert rate("learned", "object") > rate("0 steps", "object")
+    assert rate("learned", "object control") <= 0.3
 
 
 def test_name_spread_is_zero_only_when_the_text_cannot_reach_the_unet(tmp_path):
