@@ -18,6 +18,7 @@ and writes a figure of the samples.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def write_concepts(data_root: Path, out: Path, n: int = 5, pick: str = "clear",
     named.mkdir(parents=True, exist_ok=True)
     for name, label in picks["svhn"]:
         stem = f"{label}_{Path(name).stem}"
-        Image.open(data_root / "svhn" / "data" / name).convert("RGB").save(named / f"{stem}.png")
+        shutil.copyfile(out / "svhn" / f"{stem}.png", named / f"{stem}.png")
         (named / f"{stem}.txt").write_text(f"a photo of the digit {DIGIT_NAMES[label]} in the style of {{}}\n")
     print(f"{named}: the same images, each with a caption file naming its digit")
 
@@ -248,9 +249,9 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
             log(f"  named digits ({form}, {named} images x 9 digits): right digit {r_digit:.3f}, SVHN domain {r_svhn:.3f}")
     rows, shown = [], []
     prompts = [p for p in PROMPTS if cases is None or p[0] in cases]
-    for seed in seeds:
-        for label, vectors in (("learned", learned), ("0 steps", zero)):
-            sd = with_embeddings(model, vectors)
+    for label, vectors in (("learned", learned), ("0 steps", zero)):
+        sd = with_embeddings(model, vectors)
+        for seed in seeds:
             for name, prompt, digit in prompts:
                 t = time.time()
                 imgs = sample_images(sd, prompt, [image_seed(seed, name, 0, i) for i in range(images)], steps=steps,
@@ -262,6 +263,17 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
                     shown.append(imgs)
                 log(f"  seed {seed} {label:8s} {name:26s} {digit}: {r_digit:.2f}  SVHN: {r_svhn:.2f}  digits {preds}")
     return rows, torch.stack(shown), domain_acc
+
+
+def pooled(rows: list[dict]) -> dict:
+    """Rows of :func:`measure` -> {(embedding, case): (per-seed digit rates, digit rate
+    over all seeds' images, SVHN rate over them)}, in the order the rows first name them.
+    Every seed has the same number of images, so the rate over all is the mean."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["embedding"], r["case"]), []).append(r)
+    return {k: ([r["rate_digit"] for r in v], sum(r["rate_digit"] for r in v) / len(v),
+                sum(r["rate_svhn"] for r in v) / len(v)) for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -317,11 +329,11 @@ def evaluate(args) -> int:
     print(f"\n| embedding | case | prompt | {'per seed ' + ' / '.join(map(str, args.seeds)) + ' | ' if several else ''}"
           f"rate of digit | rate SVHN domain |")
     print("|---|---|---|" + ("---|" if several else "") + "---|---|")
-    for label, name, prompt, digit in [(r["embedding"], r["case"], r["prompt"], r["digit"]) for r in rows if r["seed"] == args.seeds[0]]:
-        mine = [r for r in rows if (r["embedding"], r["case"]) == (label, name)]
-        per = " / ".join(f"{r['rate_digit']:.2f}" for r in mine) + " | " if several else ""
-        pooled = sum(r["rate_digit"] for r in mine) / len(mine), sum(r["rate_svhn"] for r in mine) / len(mine)
-        print(f"| {label} | {name} | `{prompt}` | {per}{digit}: {pooled[0]:.2f} | {pooled[1]:.2f} |")
+    first = {(r["embedding"], r["case"]): r for r in rows if r["seed"] == args.seeds[0]}
+    for (label, name), (per_seed, r_digit, r_svhn) in pooled(rows).items():
+        per = " / ".join(f"{x:.2f}" for x in per_seed) + " | " if several else ""
+        r = first[label, name]
+        print(f"| {label} | {name} | `{r['prompt']}` | {per}{r['digit']}: {r_digit:.2f} | {r_svhn:.2f} |")
     if several:
         print(f"(rates over all {args.images * len(args.seeds)} images of each prompt; per seed: the digit rate of its {args.images})")
     if args.figure:

@@ -96,7 +96,6 @@ def test_descriptor_net_sees_only_the_form_and_never_a_seven():
     assert facts["descriptor_steps"] == 2 and not any(p.requires_grad for p in trained.parameters())
 
 
-
 def test_descriptor_aux_loss_is_added_and_its_parameters_train():
     """train_descriptor's ``aux`` hook (used by benchmarks/descriptor_probe.py): a zero aux
     loss leaves the network exactly as without the hook; a real one changes it and its
@@ -123,6 +122,7 @@ def test_descriptor_aux_loss_is_added_and_its_parameters_train():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), real.state_dict().values()))
     assert made["real"].steps == [0, 1, 2] and float(made["real"].w.detach()) != 1.0 and float(made["zero"].w.detach()) != 1.0
+
 
 def test_splice_replaces_only_the_mark(tmp_path):
     from difflab.t2i.model import build_text_encoder

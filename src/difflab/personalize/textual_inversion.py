@@ -305,15 +305,16 @@ def caption_file(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
-def image_templates(files: Sequence[Path], default: Tuple[str, ...]) -> List[Tuple[str, ...]]:
-    """The caption templates of each concept image: its caption file's (``IMAGE.txt``
-    beside ``IMAGE.png``, in ``parse_templates``'s format) where there is one, else
-    ``default``. A caption file can say what the image shows besides the concept
-    ("a photo of the digit two in the style of {}"), so the token need not learn it."""
-    out = []
+def read_caption_files(files: Sequence[Path]) -> Dict[Path, Tuple[str, ...]]:
+    """The templates of each concept image that has a caption file (``IMAGE.txt`` beside
+    ``IMAGE.png``, in ``parse_templates``'s format); the others use the shared templates.
+    A caption file can say what the image shows besides the concept ("a photo of the
+    digit two in the style of {}"), so the token need not learn it."""
+    out = {}
     for f in files:
         c = caption_file(f)
-        out.append(parse_templates(c.read_text(encoding="utf-8"), str(c)) if c.is_file() else default)
+        if c.is_file():
+            out[f] = parse_templates(c.read_text(encoding="utf-8"), str(c))
     return out
 
 
@@ -377,7 +378,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     for f in files:
         load_concept_image(f, 8)
     templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
-    captions = image_templates(files, templates)
+    own = read_caption_files(files)
+    captions = [own.get(f, templates) for f in files]
     others: Dict[str, Tensor] = {}
     for f in cfg.embeddings:
         others.update(read_embedding_file(f))
@@ -413,9 +415,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
             "flip_p": str(cfg.flip_p)}
     if cfg.templates:
         meta["templates"] = "\n".join(templates)
-    own = {f.name: list(c) for f, c in zip(files, captions) if caption_file(f).is_file()}
     if own:
-        meta["captions"] = json.dumps(own)
+        meta["captions"] = json.dumps({f.name: list(c) for f, c in own.items()})
     # One draw per image picks its template: uniform over every image's list, and the
     # same draws as a single template list when no image has a caption file.
     draws = math.lcm(*(len(c) for c in captions))
