@@ -53,6 +53,14 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, offset: int = 0) -> Ten
     return steps.flip(0)
 
 
+def _adds_noise(schedule: NoiseSchedule, t: int, t_prev: int, eta: float, dtype: torch.dtype) -> bool:
+    """Whether DDIM's sigma is > 0 for the step t -> t_prev: the sampler's formula in its
+    dtype, on the host's copy of the schedule, so that no GPU value is read back."""
+    a_t = schedule.alpha_bar_padded[t + 1].to(dtype)
+    a_prev = schedule.alpha_bar_padded[t_prev + 1].to(dtype)
+    return bool(eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt() > 0)
+
+
 def ddim_sample(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
@@ -109,7 +117,7 @@ def ddim_sample(
             x0 = x0.clamp(-clip_x0, clip_x0)
         sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and float(sigma.max()) > 0:
+        if eta > 0 and _adds_noise(schedule, t, t_prev, eta, x.dtype):
             x = x + sigma * _randn(x.shape, x, generator)
         if callback is not None:
             callback(i, t, x, x0)

@@ -12,6 +12,7 @@ Index ``t`` is 0-based: ``t = 0`` is the first noising step, ``t = T - 1`` the l
 from __future__ import annotations
 
 import math
+from typing import Union
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,8 @@ class NoiseSchedule:
         object.__setattr__(self, "sqrt_one_minus_alphas_cumprod", (1.0 - acp).sqrt())
         # Posterior q(x_{t-1} | x_t, x_0) variance, beta_tilde_t (Ho et al. eq. 7).
         object.__setattr__(self, "posterior_variance", betas * (1.0 - acp_prev) / (1.0 - acp))
+        # alpha_bar with step -1 ("before the first step", alpha_bar = 1) at index 0.
+        object.__setattr__(self, "alpha_bar_padded", torch.cat([torch.ones(1, dtype=torch.float64), acp]))
 
     # Declared for type checkers; set in __post_init__.
     alphas: Tensor = None  # type: ignore[assignment]
@@ -86,6 +89,7 @@ class NoiseSchedule:
     sqrt_alphas_cumprod: Tensor = None  # type: ignore[assignment]
     sqrt_one_minus_alphas_cumprod: Tensor = None  # type: ignore[assignment]
     posterior_variance: Tensor = None  # type: ignore[assignment]
+    alpha_bar_padded: Tensor = None  # type: ignore[assignment]
 
     @classmethod
     def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> "NoiseSchedule":
@@ -107,13 +111,23 @@ class NoiseSchedule:
     def num_steps(self) -> int:
         return int(self.betas.numel())
 
+    def table(self, name: str, device: Union[str, torch.device]) -> Tensor:
+        """The float64 table ``name`` (e.g. ``"alphas_cumprod"``) on ``device``, copied there
+        once and kept. Copying it at every step would cost more than the copy: a copy from
+        pageable host memory makes the host wait for the GPU's queued work, so a sampler
+        could no longer queue step n+1's kernels while step n runs."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (name, torch.device(device))
+        if key not in cache:
+            cache[key] = getattr(self, name).to(key[1])
+        return cache[key]
+
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
         """alpha_bar_t for a [B] batch of steps, shaped and cast to broadcast with ``like``.
 
         ``t = -1`` means "before the first step": alpha_bar = 1 (the clean image).
         """
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
-        return extract(padded, t + 1, like.ndim).to(like.dtype)
+        return extract(self.table("alpha_bar_padded", t.device), t + 1, like.ndim).to(like.dtype)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. eq. 4).
@@ -122,8 +136,8 @@ class NoiseSchedule:
         :param t: [B] long steps in [0, T).
         :param noise: [B, C, H, W] standard normal noise epsilon.
         """
-        a = extract(self.sqrt_alphas_cumprod, t, x0.ndim).to(x0.dtype)
-        s = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim).to(x0.dtype)
+        a = extract(self.table("sqrt_alphas_cumprod", t.device), t, x0.ndim).to(x0.dtype)
+        s = extract(self.table("sqrt_one_minus_alphas_cumprod", t.device), t, x0.ndim).to(x0.dtype)
         return a * x0 + s * noise
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
@@ -139,7 +153,7 @@ class NoiseSchedule:
 
 def snr(schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) at integer steps ``t`` (float64)."""
-    a = schedule.alphas_cumprod.to(t.device)[t]
+    a = schedule.table("alphas_cumprod", t.device)[t]
     return a / (1.0 - a)
 
 
