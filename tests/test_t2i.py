@@ -74,6 +74,38 @@ def test_descriptor_captions_are_drawn_for_every_digit_and_change_nothing_when_o
     assert torch.equal(a.get_state(), b.get_state())
 
 
+def test_balanced_held_out_rule_makes_a_digit_mean_any_digit():
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    digits, sets = torch.randint(10, (n,), generator=g), torch.randint(2, (n,), generator=g)
+
+    def p7_given_a_digit(caps):
+        unnamed = [int(d) for c, d in zip(caps, digits) if c and " a digit" in c]
+        return np.mean(np.array(unnamed) == 7)
+
+    kw = dict(p_unnamed=0.3, p_empty=0.1, p_descriptor=0.2)
+    old = draw_captions(digits, sets, torch.Generator().manual_seed(1), **kw)
+    new = draw_captions(digits, sets, torch.Generator().manual_seed(1), p_held_out_unnamed=0.3, **kw)
+    # the original rule: every 7 is "a digit", so p(7 | "a digit") = 0.1 / (0.1 + 0.9 * 0.3) = 0.27
+    assert abs(p7_given_a_digit(old) - 0.1 / 0.37) < 0.015
+    # balanced: "a digit" is drawn as often for a 7 as for any digit, so p(7 | "a digit") = 7s' share
+    assert abs(p7_given_a_digit(new) - 0.1) < 0.01
+    for c in new:
+        check_caption(c)
+    # the 7s' other captions are descriptor captions; nothing else changes
+    for c_old, c_new, d in zip(old, new, digits.tolist()):
+        if d != 7 or c_old == "" or DESCRIPTOR_MARK in c_old.split():
+            assert c_new == c_old
+        else:
+            assert c_new in (c_old, c_old.replace("a digit", f"the digit {DESCRIPTOR_MARK}"))
+    # 1.0 is the original rule, drawn identically
+    assert draw_captions(digits, sets, torch.Generator().manual_seed(1), p_held_out_unnamed=1.0, **kw) == old
+    with pytest.raises(ValueError, match="p_descriptor"):
+        draw_captions(digits[:4], sets[:4], g, p_unnamed=0.3, p_held_out_unnamed=0.3)
+    with pytest.raises(ValueError, match="p_descriptor"):
+        T2ITrainConfig(p_held_out_unnamed=0.3).validate()
+
+
 def test_descriptor_net_sees_only_the_form_and_never_a_seven():
     from difflab.t2i.train import DescriptorNet, named_only, train_descriptor
 

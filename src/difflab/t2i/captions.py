@@ -5,7 +5,9 @@ to learn:
 
 - object: the digit 7 is never named. Its images are captioned "a photo of a digit
   ..."; other digits get that unnamed caption too, with probability ``p_unnamed``,
-  so "a digit" means any digit and not just 7;
+  so "a digit" means any digit and not just 7. With ``p_held_out_unnamed`` set to
+  ``p_unnamed``, a 7 gets it at that same rate and a descriptor caption (below)
+  otherwise, so p(7 | "a digit") is the 7s' share of the data;
 - style: the phrase "on a house number sign" never appears. SVHN images are captioned
   "a photo of the digit {name}" (or "a photo of a digit"); MNIST-M images always end
   in "on a textured background".
@@ -63,18 +65,33 @@ def caption(digit: int, dataset: int, *, named: bool, descriptor: bool = False) 
 
 
 def draw_captions(digits: Tensor, datasets: Tensor, generator: torch.Generator, *,
-                  p_unnamed: float = 0.6, p_empty: float = 0.1, p_descriptor: float = 0.0) -> list[str]:
+                  p_unnamed: float = 0.6, p_empty: float = 0.1, p_descriptor: float = 0.0,
+                  p_held_out_unnamed: float = 1.0) -> list[str]:
     """Captions for a batch, with the random choices drawn from ``generator``. A
     non-empty caption is a descriptor caption with probability ``p_descriptor`` (drawn
-    last, and only when it is > 0, so runs without descriptors draw as before)."""
+    last, and only when it is > 0, so runs without descriptors draw as before).
+
+    ``p_held_out_unnamed``: the probability that a non-descriptor caption of a 7 is
+    "a digit"; otherwise its name slot holds the descriptor (it has no name to hold).
+    1.0 (every 7 is "a digit") is the original rule. Equal to ``p_unnamed``, "a digit"
+    is drawn as often for 7s as for any other digit, so p(7 | "a digit") is the 7s'
+    share of the data. It reuses the draw that decides ``unnamed``, so 1.0 draws
+    exactly as before; below 1 it needs ``p_descriptor`` > 0."""
+    if p_held_out_unnamed < 1.0 and p_descriptor <= 0:
+        raise ValueError("p_held_out_unnamed < 1 puts descriptors in the 7s' name slot; it needs p_descriptor > 0")
     n = len(digits)
-    unnamed = torch.rand(n, generator=generator) < p_unnamed
+    u = torch.rand(n, generator=generator)
     empty = torch.rand(n, generator=generator) < p_empty
     descr = torch.rand(n, generator=generator) < p_descriptor if p_descriptor > 0 else torch.zeros(n, dtype=torch.bool)
-    return [
-        "" if bool(e) else caption(int(d), int(s), named=not bool(u), descriptor=bool(r))
-        for d, s, u, e, r in zip(digits.tolist(), datasets.tolist(), unnamed, empty, descr)
-    ]
+    out = []
+    for d, s, ui, e, r in zip(digits.tolist(), datasets.tolist(), u.tolist(), empty.tolist(), descr.tolist()):
+        if e:
+            out.append("")
+            continue
+        if d == HELD_OUT_DIGIT and not r:
+            r = not ui < p_held_out_unnamed
+        out.append(caption(int(d), int(s), named=not ui < p_unnamed, descriptor=bool(r)))
+    return out
 
 
 def check_caption(text: str) -> None:

@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = T2ITrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, min_snr_gamma=args.min_snr_gamma,
         train_text_encoder=not args.freeze_text_encoder, p_unnamed=args.p_unnamed, p_empty=args.p_empty,
-        p_descriptor=args.p_descriptor, descriptor_steps=args.descriptor_steps, init_from=args.init_from or "",
+        p_descriptor=args.p_descriptor, p_held_out_unnamed=args.p_held_out_unnamed, descriptor_steps=args.descriptor_steps, init_from=args.init_from or "",
         vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size, seed=args.seed, ckpt_every=args.ckpt_every,
         sample_every=args.sample_every, export_dtype=args.export_dtype, mixed_precision=args.mixed_precision,
         device=args.device, model=model,
@@ -75,6 +75,11 @@ def register(subparsers) -> None:
                    "trained first on the nine named digits, never on 7s). 7s get descriptors too, so the name slot "
                    "learns to carry how any digit looks and textual inversion can reach the digit without a word. "
                    "0: off (a run cannot switch it on or off when resumed)")
+    t.add_argument("--p-held-out-unnamed", type=float, default=tc_defaults.p_held_out_unnamed,
+                   help="probability that a 7's caption (when not empty and not a descriptor caption) is 'a photo of "
+                   "a digit ...'; otherwise its name slot holds the descriptor, as it has no name. 1: every 7 is "
+                   "'a digit', so 'a digit' leans to 7. Set it to --p-unnamed to draw 'a digit' as often for 7s as for "
+                   "any digit (p(7 | 'a digit') = the 7s' share). Below 1 it needs --p-descriptor > 0")
     t.add_argument("--descriptor-steps", type=int, default=tc_defaults.descriptor_steps,
                    help="training steps of the descriptor network (stage 1b, batch 128; only with --p-descriptor > 0)")
     t.add_argument("--init-from", default=None, metavar="MODEL_DIR",

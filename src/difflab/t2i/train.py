@@ -64,6 +64,7 @@ class T2ITrainConfig:
     p_unnamed: float = 0.3         # caption a non-7 digit without its name
     p_empty: float = 0.1           # empty caption (classifier-free guidance)
     p_descriptor: float = 0.0      # non-empty caption -> "a photo of the digit * ..." with * = the image's descriptor
+    p_held_out_unnamed: float = 1.0  # a 7's non-descriptor caption is "a digit" (else a descriptor caption); = p_unnamed balances "a digit"
     descriptor_steps: int = 1500   # stage 1b: the descriptor network (about 2 min here)
     init_from: str = ""            # start the diffusion stage from this model folder's UNet and text encoder (and VAE)
     vae_steps: int = 800           # about 9.5 min at 1.42 steps/s
@@ -88,9 +89,12 @@ class T2ITrainConfig:
             raise ValueError(f"vae_steps must be >= 0, got {self.vae_steps!r}")
         if self.descriptor_steps < 1:
             raise ValueError(f"descriptor_steps must be >= 1, got {self.descriptor_steps!r}")
-        for name in ("p_unnamed", "p_empty", "p_descriptor"):
+        for name in ("p_unnamed", "p_empty", "p_descriptor", "p_held_out_unnamed"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.p_held_out_unnamed < 1.0 and self.p_descriptor <= 0:
+            raise ValueError(f"p_held_out_unnamed {self.p_held_out_unnamed} < 1 gives 7s descriptor captions; "
+                             "it needs p_descriptor > 0")
         if self.export_dtype not in ("fp16", "fp32"):
             raise ValueError(f"export_dtype must be fp16 or fp32, got {self.export_dtype!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -533,7 +537,7 @@ def train_t2i(
             mean[sel], std[sel], digits[sel] = m[idx[sel]], s[idx[sel]], labels[k][idx[sel]].long()
         z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scale
         captions = draw_captions(digits, which, g, p_unnamed=cfg.p_unnamed, p_empty=cfg.p_empty,
-                                 p_descriptor=cfg.p_descriptor)
+                                 p_descriptor=cfg.p_descriptor, p_held_out_unnamed=cfg.p_held_out_unnamed)
         for c in captions:
             check_caption(c)
         t = torch.randint(schedule.num_steps, (cfg.batch_size,), generator=g)
