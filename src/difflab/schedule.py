@@ -12,8 +12,8 @@ Index ``t`` is 0-based: ``t = 0`` is the first noising step, ``t = T - 1`` the l
 from __future__ import annotations
 
 import math
-from typing import Union
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -113,9 +113,9 @@ class NoiseSchedule:
 
     def table(self, name: str, device: Union[str, torch.device]) -> Tensor:
         """The float64 table ``name`` (e.g. ``"alphas_cumprod"``) on ``device``, copied there
-        once and kept. Copying it at every step would cost more than the copy: a copy from
-        pageable host memory makes the host wait for the GPU's queued work, so a sampler
-        could no longer queue step n+1's kernels while step n runs."""
+        once and kept. A copy from pageable host memory makes the host wait for the GPU's
+        queued work, so copying at every step would stop a sampler from queuing step n+1's
+        kernels while step n runs."""
         cache = self.__dict__.setdefault("_device_tables", {})
         key = (name, torch.device(device))
         if key not in cache:
