@@ -28,10 +28,11 @@ def test_shipped_mini_model_is_small_and_loads():
     assert (sd.resolution, sd.latent_channels, sd.text_width) == (32, 4, 64)
     facts = load_json(MINI / "mini_sd.json")
     # the recorded run (README), not a test model: 6,000 steps with descriptor captions at 0.4, then 1,500
-    # at 0.2 with the balanced "a digit" rule for 7s
+    # at 0.2, both with the balanced "a digit" rule for 7s
     assert facts["diffusion_steps"] == 7500 and facts["vae_steps"] > 0 and "init" not in facts
     assert facts["legs"] == [{"from_step": 6000, "changed": {
-        "p_descriptor": [0.4, 0.2], "p_held_out_unnamed": [1.0, 0.3], "steps": [6000, 7500]}}]
+        "p_descriptor": [0.4, 0.2], "steps": [6000, 7500]}}]
+    assert facts["train_config"]["p_held_out_unnamed"] == 0.3
     assert facts["train_config"]["p_descriptor"] == 0.2
     # both concepts are shipped for this model's width, and were trained (not left at their init word)
     from difflab.personalize.textual_inversion import init_vectors, read_embedding_file
@@ -150,8 +151,8 @@ def test_shipped_embeddings_pass_the_issue_bar():
     s = 7.5), over 200 images per prompt (eight seeds of 25; one 25-image rate has a
     standard error of about 0.07): the object prompt is a 7 at least 90% of the time; the
     style prompt is a 3 and SVHN at least 80% of the time each; learning beats 0 steps; the
-    control prompt without the token is a 7 at most 0.3 of the time (measured 0.28; chance is
-    0.1)."""
+    control prompt without the token is a 7 at most 0.25 of the time (measured 0.17; chance is
+    0.1; the model shipped before drew 0.28)."""
     mw = load_benchmark()
     rows, _, domain_acc = mw.measure(MINI, shipped_embedding_files(), HW2_DATA / "digits", EVALUATORS, seeds=range(8),
                                      cases=["object", "style", "object control"], log=lambda m: None)
@@ -162,7 +163,7 @@ def test_shipped_embeddings_pass_the_issue_bar():
     assert r["learned", "object"][1] >= 0.9
     assert r["learned", "style"][1] >= 0.8 and r["learned", "style"][2] >= 0.8
     assert r["learned", "object"][1] > r["0 steps", "object"][1]
-    assert r["learned", "object control"][1] <= 0.3
+    assert r["learned", "object control"][1] <= 0.25
 
 
 def test_name_spread_is_zero_only_when_the_text_cannot_reach_the_unet(tmp_path):
