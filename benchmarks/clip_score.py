@@ -57,7 +57,8 @@ def grader_procedure(clip_dir: Path, concepts, concept_root: Path, gen_root: Pat
     """The grader's steps, in our words: reload per folder, one forward per reference image."""
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from difflab.clip.score import evaluate_case, list_images
+    from difflab.clip.score import evaluate_case
+    from difflab.io import list_images
 
     def load():
         model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
@@ -72,7 +73,7 @@ def grader_procedure(clip_dir: Path, concepts, concept_root: Path, gen_root: Pat
 
     results = []
     for c in concepts:
-        for p, prompt in enumerate(c.prompts):
+        for p, prompt in enumerate(c.eval_prompts):
             files = list_images(gen_root / c.key / str(p))
             refs = list_images(concept_root / c.key)
             with torch.no_grad():
@@ -110,7 +111,7 @@ def main() -> None:
 
     from difflab.clip.model import load_clip
     from difflab.clip.score import load_spec, score_concepts
-    from difflab.clip.testing import save_random_clip
+    from difflab.testing import save_random_clip
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -24,7 +24,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from difflab.digits.data import BalancedDigits
+from difflab.data import BalancedDigits
 from difflab.t2i.train import HELD_OUT_DIGIT, DescriptorNet, T2ITrainConfig, _generator, train_descriptor
 
 

@@ -27,12 +27,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from difflab.digits.data import BalancedDigits, read_csv
+from difflab.data import BalancedDigits, read_csv
 from difflab.digits.evaluate import load_classifier
-from difflab.imageio import save_grid
-from difflab.personalize.generate import SHIPPED_MINI_SD, image_seed, sample_images
-from difflab.personalize.sd import load_sd
-from difflab.personalize.textual_inversion import add_concept, init_vectors, read_embedding_file
+from difflab.io import save_grid
+from difflab.assets import SHIPPED_MINI_SD
+from difflab.personalize.generate import image_seed
+from difflab.sd.sample import sample_images
+from difflab.sd.load import load_sd
+from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file
 from difflab.t2i.captions import DIGIT_NAMES
 
 HERE = Path(__file__).resolve().parents[1]
@@ -281,7 +283,7 @@ def name_spread(sd, t: int = 500, n: int = 8, seed: int = 0) -> float:
     """How much the digit name moves the UNet's noise prediction: the standard deviation
     across the nine trained names (MNIST-M caption) of eps(z_t, t, caption), averaged over
     ``n`` latents drawn from N(0, I) and over their elements, for a loaded model ``sd``
-    (:func:`difflab.personalize.sd.load_sd`). A model that ignores the name gives 0."""
+    (:func:`difflab.sd.load.load_sd`). A model that ignores the name gives 0."""
     from difflab.t2i.captions import HELD_OUT_DIGIT, caption
 
     z = torch.randn(n, sd.latent_channels, sd.resolution // sd.vae_downsample, sd.resolution // sd.vae_downsample,
@@ -297,7 +299,8 @@ def descriptor_embedding(run: Path, images: Path, token: str, out: Path) -> torc
     of the images in ``images``, written as a textual-inversion embedding file for
     ``token``. If the model draws those digits from it, the name slot can reach them and
     the question left is whether textual inversion finds the vector."""
-    from difflab.personalize.textual_inversion import list_concept_images, load_concept_image, save_embedding
+    from difflab.personalize.textual_inversion import list_concept_images, load_concept_image
+    from difflab.sd.concepts import save_embedding
     from difflab.t2i.train import load_descriptor
 
     net, projection = load_descriptor(run)
@@ -312,9 +315,9 @@ def descriptor_embedding(run: Path, images: Path, token: str, out: Path) -> torc
 
 
 def evaluate(args) -> int:
-    from difflab.personalize.commands import _quiet_libraries
+    from difflab.sd.load import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -1,6 +1,6 @@
 """Cost of Problem 3 generation (`difflab ti generate`), measured here and estimated.
 
-1. A tiny random SD-format model (difflab.personalize.tiny): seconds per guided DDIM
+1. A tiny random SD-format model (difflab.testing): seconds per guided DDIM
    step and per image, at the batch size used by `ti generate`.
 2. The real SD v1 size, built from the carried configs with random weights:
    - FLOPs of one UNet evaluation at 64x64 latents (512x512 images), counted with
@@ -32,7 +32,7 @@ def count_flops(fn) -> int:
 def sd_v1_unet(device):
     from diffusers import UNet2DConditionModel
 
-    from difflab.personalize.sd import read_config
+    from difflab.sd.load import read_config
 
     with torch.device(device):
         return UNet2DConditionModel.from_config(read_config("unet")).eval()
@@ -52,9 +52,10 @@ def main(argv=None) -> int:
 
     dlog.set_verbosity_error(); tlog.set_verbosity_error(); dlog.disable_progress_bar(); tlog.disable_progress_bar()
 
-    from difflab.personalize.generate import image_seed, sample_images
-    from difflab.personalize.sd import load_sd
-    from difflab.personalize.tiny import save_tiny_sd
+    from difflab.personalize.generate import image_seed
+    from difflab.sd.sample import sample_images
+    from difflab.sd.load import load_sd
+    from difflab.testing import save_tiny_sd
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     # ---- 1. tiny model, measured
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     flops = count_flops(lambda: unet(xm, torch.full((2,), 500, device="meta"), encoder_hidden_states=cm)) / 2
     from diffusers import AutoencoderKL
 
-    from difflab.personalize.sd import read_config
+    from difflab.sd.load import read_config
 
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(read_config("vae")).eval()

@@ -23,7 +23,7 @@ from difflab.clip import score as S
 from difflab.clip import zeroshot as Z
 from difflab.clip.model import check_clip_folder, load_clip
 from difflab.clip.templates import CIFAR100_TEMPLATES, COURSE_TEMPLATE
-from difflab.clip.testing import save_random_clip
+from difflab.testing import save_random_clip
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -165,7 +165,7 @@ def test_score_concepts_wiring_with_known_features(tmp_path):
     for p in range(2):
         for i, a in enumerate(angles):
             vec[str(groot / "0" / str(p) / f"{i:02d}.png")] = torch.tensor([math.cos(a), math.sin(a), 0.0]) * (i + 1)
-    text = {concepts[0].prompts[0]: torch.tensor([0, 0, 1.0]), concepts[0].prompts[1]: torch.tensor([1.0, 0, 0])}
+    text = {concepts[0].eval_prompts[0]: torch.tensor([0, 0, 1.0]), concepts[0].eval_prompts[1]: torch.tensor([1.0, 0, 0])}
     fake = FakeClip(vec, text)
     res = S.score_concepts(fake, concepts, croot, groot, warn=lambda m: None)
     ref_calls = [c for c in fake.calls if str(croot) in c[0]]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.checkpoint import load_state_strict, load_tensors, save_tensors
+from difflab.io import load_state_strict, load_tensors, save_tensors
 from difflab.guidance import cat_cond, guided
-from difflab.imageio import make_grid, save_png, load_png, to_uint8
+from difflab.io import make_grid, save_png, load_png, to_uint8
 from difflab.sampling import ddim_sample, ddim_timesteps, ddpm_sample
 from difflab.schedule import NoiseSchedule, cosine_betas
 
@@ -226,7 +226,7 @@ def test_save_tensors_is_atomic_and_strict(tmp_path, monkeypatch):
     load_state_strict(other, loaded, path)
     assert torch.equal(other.weight, net.weight)
 
-    import difflab.checkpoint as ck
+    import difflab.io as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -82,7 +82,7 @@ def test_digit_sampler_does_not_wait_for_the_gpu():
 
 
 def test_sd_guided_ddim_does_not_wait_for_the_gpu():
-    from difflab.personalize.sd import UNetDenoiser, load_sd
+    from difflab.sd.load import UNetDenoiser, load_sd
 
     sd = load_sd(MINI_SD, device="cuda")
     with torch.no_grad():

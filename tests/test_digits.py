@@ -11,9 +11,10 @@ from PIL import Image
 
 from conftest import EVALUATORS, HW2_DATA, requires_evaluators, requires_shared
 from difflab.cli import main
-from difflab.digits.data import BalancedDigits, load_digit_set, read_csv
+from difflab.data import BalancedDigits, load_digit_set, read_csv
 from difflab.digits.generate import SampleConfig, course_plan, generate_course_set
-from difflab.digits.model_io import latest_checkpoint, load_digit_model
+from difflab.digits.model_io import load_digit_model
+from difflab.training import latest_checkpoint
 from difflab.digits.train import TrainConfig, train
 from difflab.nets.digit_unet import DigitUNet, DigitUNetConfig
 
@@ -155,7 +156,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from difflab.checkpoint import save_json, save_tensors
+    from difflab.io import save_json, save_tensors
 
     d = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)

@@ -14,9 +14,8 @@ from difflab.nets.face_unet import (
     ResBlock,
     SelfAttention,
     SinusoidalEmbedding,
-    load_face_unet,
-    read_state_dict,
 )
+from difflab.faces.model_io import load_face_unet, read_state_dict
 
 SPEC = SHARED / "specs" / "face_unet_state_dict.txt"
 requires_spec = pytest.mark.skipif(not SPEC.is_file(), reason=f"face UNet spec not present at {SPEC} (set DIFFLAB_SHARED)")

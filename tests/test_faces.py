@@ -48,7 +48,7 @@ def mse255(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def to_pixels(x: torch.Tensor, normalize="minmax") -> np.ndarray:
-    """Independent of difflab.imageio: [3,H,W] model output -> [H,W,3] uint8 like save_image."""
+    """Independent of difflab.io: [3,H,W] model output -> [H,W,3] uint8 like save_image."""
     x = x.double()
     if normalize == "minmax":
         x = (x - x.min()) / (x.max() - x.min())

@@ -19,8 +19,8 @@ def shipped_embedding_files():
 
 
 def test_shipped_mini_model_is_small_and_loads():
-    from difflab.checkpoint import load_json
-    from difflab.personalize.sd import load_sd
+    from difflab.io import load_json
+    from difflab.sd.load import load_sd
 
     size = sum(f.stat().st_size for f in MINI.rglob("*") if f.is_file())
     assert size < 30 * 2**20, f"shipped mini model is {size / 2**20:.1f} MiB (the issue allows < 30 MB)"
@@ -35,7 +35,7 @@ def test_shipped_mini_model_is_small_and_loads():
     assert facts["train_config"]["p_held_out_unnamed"] == 0.3
     assert facts["train_config"]["p_descriptor"] == 0.2
     # both concepts are shipped for this model's width, and were trained (not left at their init word)
-    from difflab.personalize.textual_inversion import init_vectors, read_embedding_file
+    from difflab.sd.concepts import init_vectors, read_embedding_file
 
     found = gen.find_embeddings(["<new1>", "<new2>"], sd.text_width)
     files = {tok: f for f in shipped_embedding_files() for tok in read_embedding_file(f)}
@@ -55,8 +55,8 @@ def test_shipped_mini_model_draws_the_digit_it_is_asked_for():
     """The named MNIST-M digits (7 is never named in training, so it is left out) are
     read as that digit by the course's MNIST-M grader: a measured floor on a small sample."""
     from difflab.digits.evaluate import load_classifier
-    from difflab.personalize.generate import sample_images
-    from difflab.personalize.sd import load_sd
+    from difflab.sd.sample import sample_images
+    from difflab.sd.load import load_sd
     from difflab.t2i.captions import DIGIT_NAMES
 
     sd = load_sd(MINI, device="cpu")
@@ -101,7 +101,7 @@ def test_concepts_name_each_style_image_in_its_caption_file(tmp_path):
     template; no style image shows a 3 or a 7, and the 7s are 7s."""
     import numpy as np
 
-    from difflab.digits.data import read_csv
+    from difflab.data import read_csv
     from difflab.personalize.textual_inversion import list_concept_images, read_caption_files
     from difflab.t2i.captions import DIGIT_NAMES
 
@@ -171,7 +171,7 @@ def test_name_spread_is_zero_only_when_the_text_cannot_reach_the_unet(tmp_path):
     pooled text path, every cross-attention output zeroed), > 0 for the same UNet with
     its cross-attention intact, and > 0 for the shipped model."""
     from conftest import zero_cross_attention
-    from difflab.personalize.sd import load_sd
+    from difflab.sd.load import load_sd
     from difflab.t2i.model import MiniConfig, build_text_encoder, build_tokenizer, build_unet
 
     mw = load_benchmark()

@@ -11,9 +11,9 @@ import socket
 import pytest
 import torch
 
-from difflab.personalize import sd as sdmod
-from difflab.personalize.sd import UNetDenoiser, load_sd, read_config, schedule_from_config
-from difflab.personalize.tiny import save_tiny_sd
+from difflab.sd import load as sdmod
+from difflab.sd.load import UNetDenoiser, load_sd, read_config, schedule_from_config
+from difflab.testing import save_tiny_sd
 
 
 # ------------------------------------------------------------ diffusers -> CompVis keys

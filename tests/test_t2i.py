@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.checkpoint import load_json, load_tensors
-from difflab.digits.data import BalancedDigits, DigitSet
+from difflab.io import load_json, load_tensors
+from difflab.data import BalancedDigits, DigitSet
 from difflab.t2i.captions import (
     DESCRIPTOR_MARK, DIGIT_NAMES, HELD_OUT_STYLE, VOCAB_WORDS, all_training_captions, caption, check_caption,
     draw_captions,
@@ -218,8 +218,8 @@ def trained(tmp_path_factory):
 
 
 def test_training_writes_a_loadable_sd_folder(trained):
-    from difflab.personalize.generate import sample_images
-    from difflab.personalize.sd import load_sd
+    from difflab.sd.sample import sample_images
+    from difflab.sd.load import load_sd
 
     out, losses = trained
     assert len(losses) == 6 and all(np.isfinite(losses))
@@ -330,7 +330,8 @@ def test_vae_stage_learns(tmp_path):
 def test_textual_inversion_runs_on_the_mini_folder(trained, tmp_path):
     from PIL import Image
 
-    from difflab.personalize.textual_inversion import TrainConfig, read_embedding_file, train_textual_inversion
+    from difflab.personalize.textual_inversion import TrainConfig, train_textual_inversion
+    from difflab.sd.concepts import read_embedding_file
 
     out, _ = trained
     concept = tmp_path / "sevens"
@@ -359,7 +360,7 @@ def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, capsys):
 
 def test_export_copies_the_model_without_training_state(trained, tmp_path, capsys):
     from difflab.cli import main
-    from difflab.personalize.sd import load_sd
+    from difflab.sd.load import load_sd
 
     run, _ = trained
     dest = tmp_path / "assets" / "mini_sd"
@@ -415,7 +416,7 @@ def test_text_time_embedding_option(tmp_path, monkeypatch):
     from dataclasses import replace
 
     from difflab.cli import main
-    from difflab.personalize.sd import load_sd
+    from difflab.sd.load import load_sd
 
     old = TINY.to_dict()
     del old["text_time_embedding"], old["time_scale_shift"]

@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 
 from difflab.personalize import textual_inversion as ti
-from difflab.personalize.sd import load_sd
-from difflab.personalize.tiny import save_tiny_sd
+from difflab.sd import concepts
+from difflab.sd.load import load_sd
+from difflab.testing import save_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_only_new_rows_change(model_dir, concept_dir, tmp_path, monkeypatch):
     """AdamW with weight decay: every other parameter and embedding row is bit-identical."""
     sd = load_sd(model_dir)
     other = torch.randn(2, sd.text_width, generator=torch.Generator().manual_seed(3))
-    ti.save_embedding(tmp_path / "other.safetensors", "<other>", other)
+    concepts.save_embedding(tmp_path / "other.safetensors", "<other>", other)
     before = snapshot(sd)
     base_rows = sd.text_encoder.get_input_embeddings().weight.detach().clone()
 
@@ -64,7 +65,7 @@ def test_only_new_rows_change(model_dir, concept_dir, tmp_path, monkeypatch):
         losses.append(float(out.detach()))
         return out
 
-    monkeypatch.setattr(schedule, "ddpm_loss", spy)
+    monkeypatch.setattr(ti, "ddpm_loss", spy)
     out = tmp_path / "new1.safetensors"
     ti.train_textual_inversion(
         cfg_for(model_dir, concept_dir, out, num_vectors=2, embeddings=[str(tmp_path / "other.safetensors")]), sd=sd
@@ -83,14 +84,14 @@ def test_only_new_rows_change(model_dir, concept_dir, tmp_path, monkeypatch):
     assert torch.equal(emb.concept("<other>").detach(), other)
     init = base_rows[sd.tokenizer("dog", add_special_tokens=False).input_ids[0]]
     assert not torch.equal(new.detach()[0], init) and not torch.equal(new.detach()[1], init)
-    saved = ti.read_embedding_file(out)
+    saved = concepts.read_embedding_file(out)
     assert list(saved) == ["<new1>"] and torch.equal(saved["<new1>"], new.detach().float())
 
 
 def test_lookup_splices_new_rows(model_dir):
     sd = load_sd(model_dir)
     vec = torch.randn(3, sd.text_width)
-    ti.add_concept(sd, "<tok>", vec)
+    concepts.add_concept(sd, "<tok>", vec)
     prompt = sd.concepts.expand_prompt("a photo of <tok> on a sign")
     assert prompt == "a photo of <tok> <tok>_1 <tok>_2 on a sign"
     ids = sd.tokenizer(prompt, return_tensors="pt").input_ids
@@ -112,10 +113,10 @@ def test_embedding_file_is_diffusers_format(model_dir, tmp_path):
 
     sd = load_sd(model_dir)
     vec = torch.randn(2, sd.text_width)
-    ti.save_embedding(tmp_path / "e.safetensors", "<new2>", vec)
+    concepts.save_embedding(tmp_path / "e.safetensors", "<new2>", vec)
     tokens, embs = TextualInversionLoaderMixin._retrieve_tokens_and_embeddings([None], [load_file(str(tmp_path / "e.safetensors"))], sd.tokenizer)
     tokens, embs = TextualInversionLoaderMixin._extend_tokens_and_embeddings(tokens, embs, sd.tokenizer)
-    assert tokens == ti.token_names("<new2>", 2) == ["<new2>", "<new2>_1"]
+    assert tokens == concepts.token_names("<new2>", 2) == ["<new2>", "<new2>_1"]
     assert all(torch.equal(a, b) for a, b in zip(embs, vec))
 
 
@@ -127,7 +128,7 @@ def test_resume_continues_exactly(model_dir, concept_dir, tmp_path):
     state = ti.state_path(split)
     assert state.is_file()
     ti.train_textual_inversion(cfg_for(model_dir, concept_dir, split, steps=4, resume=str(state)), sd=load_sd(model_dir))
-    a, b = ti.read_embedding_file(straight)["<new1>"], ti.read_embedding_file(split)["<new1>"]
+    a, b = concepts.read_embedding_file(straight)["<new1>"], concepts.read_embedding_file(split)["<new1>"]
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="holds token '<new1>'"):
         ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "c.safetensors", token="<x>", resume=str(state)), sd=load_sd(model_dir))
@@ -185,7 +186,7 @@ def test_cli_train(model_dir, concept_dir, tmp_path):
     args = parser.parse_args(["ti", "train", "--sd", str(model_dir), "--concept-dir", str(concept_dir), "--token", "<c>",
                               "--init-word", "cat", "--out", str(out), "--steps", "1", "--batch-size", "1", "--device", "cpu", "--quiet"])
     assert args.func(args) == 0
-    assert tuple(ti.read_embedding_file(out)["<c>"].shape) == (1, 32)
+    assert tuple(concepts.read_embedding_file(out)["<c>"].shape) == (1, 32)
 
 
 def test_templates_file_replaces_the_property_templates(model_dir, concept_dir, tmp_path, monkeypatch):
@@ -193,7 +194,7 @@ def test_templates_file_replaces_the_property_templates(model_dir, concept_dir, 
     and they are recorded in the embedding file's metadata."""
     from safetensors import safe_open
 
-    from difflab.personalize import sd as sd_module
+    from difflab.sd import load as sd_module
 
     lines = ["# my world's captions", "", "a photo of the digit {}", "a photo of the digit {} on a textured background"]
     tpl = tmp_path / "templates.txt"
@@ -234,7 +235,7 @@ def test_flip_p_mirrors_the_training_images(model_dir, concept_dir, tmp_path):
     for name, folder, p in (("always", concept_dir, 1.0), ("mirror-files", mirrored, 0.0), ("never", concept_dir, 0.0)):
         out = tmp_path / f"{name}.safetensors"
         ti.train_textual_inversion(cfg_for(model_dir, folder, out, flip_p=p, steps=4))
-        learned[name] = ti.read_embedding_file(out)["<new1>"]
+        learned[name] = concepts.read_embedding_file(out)["<new1>"]
     assert torch.allclose(learned["always"], learned["mirror-files"], atol=1e-5)
     assert float((learned["always"] - learned["never"]).abs().max()) > 1e-3
     from safetensors import safe_open
@@ -255,8 +256,8 @@ def test_training_on_cuda_follows_the_cpu_run(model_dir, concept_dir, tmp_path):
     ti.train_textual_inversion(cfg_for(model_dir, concept_dir, cpu_out), sd=load_sd(model_dir))
     ti.train_textual_inversion(cfg_for(model_dir, concept_dir, gpu_out, device="cuda"), sd=load_sd(model_dir))
     sd = load_sd(model_dir)
-    init = ti.init_vectors(sd, "dog", 1)
-    a, b = ti.read_embedding_file(cpu_out)["<new1>"], ti.read_embedding_file(gpu_out)["<new1>"]
+    init = concepts.init_vectors(sd, "dog", 1)
+    a, b = concepts.read_embedding_file(cpu_out)["<new1>"], concepts.read_embedding_file(gpu_out)["<new1>"]
     assert torch.isfinite(b).all()
     moved = (a - init).abs().mean()
     assert moved > 0
@@ -273,7 +274,7 @@ def test_caption_files_give_each_image_its_own_templates(model_dir, concept_dir,
     from safetensors import safe_open
 
     import difflab.schedule as schedule
-    from difflab.personalize import sd as sd_module
+    from difflab.sd import load as sd_module
 
     tpl = tmp_path / "templates.txt"
     tpl.write_text("a photo of the digit {}\n")
@@ -299,7 +300,7 @@ def test_caption_files_give_each_image_its_own_templates(model_dir, concept_dir,
 
     monkeypatch.setattr(ti, "encode_concept_images", marked)
     monkeypatch.setattr(sd_module.StableDiffusion, "encode_text", recording_encode)
-    monkeypatch.setattr(schedule, "ddpm_loss", recording_loss)
+    monkeypatch.setattr(ti, "ddpm_loss", recording_loss)
     sd = load_sd(model_dir)
     out = tmp_path / "own.safetensors"
     ti.train_textual_inversion(cfg_for(model_dir, concept_dir, out, steps=12, batch_size=4, templates=str(tpl)), sd=sd)
@@ -324,7 +325,7 @@ def test_caption_files_give_each_image_its_own_templates(model_dir, concept_dir,
         (concept_dir / f"{k:02d}.txt").unlink()
     plain = tmp_path / "plain.safetensors"
     ti.train_textual_inversion(cfg_for(model_dir, concept_dir, plain, templates=str(tpl)))
-    assert torch.equal(ti.read_embedding_file(same)["<new1>"], ti.read_embedding_file(plain)["<new1>"])
+    assert torch.equal(concepts.read_embedding_file(same)["<new1>"], concepts.read_embedding_file(plain)["<new1>"])
 
     (concept_dir / "01.txt").write_text("a photo of {} and {}\n")
     bad = tmp_path / "bad.safetensors"

@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import HW2_DATA, requires_shared
 
+from difflab.io import read_course_json
 from difflab.personalize import generate as gen
-from difflab.personalize.sd import load_sd
-from difflab.personalize.textual_inversion import save_embedding
-from difflab.personalize.tiny import save_tiny_sd
+from difflab.sd import sample
+from difflab.sd.load import load_sd
+from difflab.sd.concepts import save_embedding
+from difflab.testing import save_tiny_sd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +82,8 @@ def test_images_do_not_depend_on_batching(setup):
     root, model = setup
     sd = load_sd(model)
     seeds = [gen.image_seed(0, "0", 0, i) for i in range(3)]
-    together = gen.sample_images(sd, "a photo of a dog", seeds, steps=3)
-    alone = torch.cat([gen.sample_images(sd, "a photo of a dog", [s], steps=3) for s in seeds])
+    together = sample.sample_images(sd, "a photo of a dog", seeds, steps=3)
+    alone = torch.cat([sample.sample_images(sd, "a photo of a dog", [s], steps=3) for s in seeds])
     # same noise per image; only the network's float rounding may differ between batch sizes
     assert (together - alone).abs().max().item() < 1e-4
     assert len({gen.image_seed(0, k, p, i) for k in "01" for p in range(3) for i in range(25)}) == 150
@@ -95,13 +97,13 @@ def test_ddim_matches_diffusers_scheduler(setup):
     _, model = setup
     sd = load_sd(model)
     seeds, steps, s = [11, 12], 5, 7.5
-    ours = gen.sample_latents(sd, "a photo of a cat", seeds, steps=steps, guidance=s)
+    ours = sample.sample_latents(sd, "a photo of a cat", seeds, steps=steps, guidance=s)
 
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     sched.set_timesteps(steps)
     assert sched.timesteps.tolist() == [801, 601, 401, 201, 1]
-    x = gen.initial_noise(seeds, (4, 8, 8))
+    x = sample.initial_noise(seeds, (4, 8, 8))
     with torch.no_grad():
         cond = sd.encode_text(["a photo of a cat"] * 2)
         uncond = sd.encode_text([""] * 2)
@@ -208,7 +210,7 @@ def test_course_input_json_and_concept_images():
     ti_dir = HW2_DATA / "textual_inversion"
     from difflab.personalize.textual_inversion import list_concept_images, load_concept_image
 
-    concepts = gen.read_prompt_json(ti_dir / "input.json")
+    concepts = read_course_json(ti_dir / "input.json")
     assert [(c.key, c.token, len(c.prompts)) for c in concepts] == [("0", "<new1>", 2), ("1", "<new2>", 2)]
     for key, count in (("0", 5), ("1", 4)):
         files = list_concept_images(ti_dir / key)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from difflab.checkpoint import staged_dir
+from difflab.io import PathLike, staged_dir
 
 
 def cosine_lr(base: float, warmup: int, total: int, min_ratio: float, step: int) -> float:
@@ -48,3 +48,10 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep:
     for stale in root.glob(".tmp_step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def latest_checkpoint(run_dir: PathLike) -> Path | None:
+    """The newest complete ``checkpoints/step_*`` folder of a run, or None."""
+    ckpts = sorted(Path(run_dir).glob("checkpoints/step_*"))
+    done = [c for c in ckpts if (c / "state.json").is_file()]
+    return done[-1] if done else None

@@ -64,9 +64,9 @@ def _check_batch(n: int) -> None:
 
 
 def _score(args) -> int:
-    from difflab.checkpoint import save_json
     from difflab.clip import score as S
     from difflab.clip.model import load_clip
+    from difflab.io import save_json
 
     _check_batch(args.batch_size)
     concepts = S.load_spec(args.json)
@@ -90,10 +90,10 @@ def _score(args) -> int:
 
 
 def _zeroshot(args) -> int:
-    from difflab.checkpoint import save_json
     from difflab.clip import zeroshot as Z
     from difflab.clip.model import load_clip
     from difflab.clip.templates import COURSE_TEMPLATE
+    from difflab.io import save_json
 
     _check_batch(args.batch_size)
     if args.cases < 0:

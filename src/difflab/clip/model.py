@@ -15,15 +15,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
-
-from difflab.devices import resolve_device
 from PIL import Image
 from torch import Tensor
 
-PathLike = Union[str, os.PathLike]
+from difflab.devices import resolve_device
+from difflab.io import PathLike, open_rgb
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -108,7 +107,7 @@ class Clip:
         feats = []
         steps = range(0, len(images), batch_size)
         for i in tqdm(steps, desc=desc, disable=not progress, unit="batch", leave=False):
-            batch = [open_image(x) if not isinstance(x, Image.Image) else x for x in images[i : i + batch_size]]
+            batch = [open_rgb(x) if not isinstance(x, Image.Image) else x for x in images[i : i + batch_size]]
             pixels = self.preprocess(batch).to(self.device, torch.float32)
             feats.append(_pooled(self.model.get_image_features(pixel_values=pixels)).float().cpu())
         if not feats:
@@ -135,18 +134,6 @@ class Clip:
         if not feats:
             return torch.empty(0, self.model.config.projection_dim)
         return torch.cat(feats)
-
-
-def open_image(path: PathLike) -> Image.Image:
-    """Open an image file as RGB (the grader's ``Image.open(p).convert('RGB')``), with a clear error."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def load_clip(path: PathLike, device: str | torch.device | None = "auto") -> Clip:

@@ -17,20 +17,16 @@ concept, and a folder without exactly 25 images is scored after a warning.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from difflab.checkpoint import load_json
+from difflab.io import IMAGE_SUFFIXES, Concept, PathLike, list_images, read_course_json
 
-PathLike = Union[str, os.PathLike]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # what the grader lists
 EXPECTED_IMAGES = 25
 TEXT_WEIGHT = 2.5
 TOP_K = 5
@@ -115,47 +111,10 @@ def evaluate_case(
 
 
 # ----------------------------------------------------------------------------- inputs
-def list_images(folder: PathLike) -> list[Path]:
-    """Image files directly in ``folder`` (grader's extensions, any case), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-@dataclass
-class Concept:
-    key: str
-    src_image: str
-    prompts: list[str]
-    baselines: list[tuple[float, float]]
-
-
 def load_spec(json_path: PathLike) -> list[Concept]:
-    """Read the course ``input.json``; every concept needs ``prompt_4_clip_eval`` and a matching ``baseline``."""
-    data = load_json(json_path)
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{json_path}: expected a non-empty object of concepts, got {type(data).__name__}")
-    concepts = []
-    for key, entry in data.items():
-        where = f"{json_path}: concept {key!r}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
-        for need in ("prompt_4_clip_eval", "baseline"):
-            if need not in entry:
-                raise ValueError(f"{where}: missing key {need!r}")
-        prompts, base = entry["prompt_4_clip_eval"], entry["baseline"]
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or not prompts:
-            raise ValueError(f"{where}: 'prompt_4_clip_eval' must be a non-empty list of strings, got {prompts!r}")
-        if not isinstance(base, list) or len(base) != len(prompts):
-            raise ValueError(f"{where}: 'baseline' must hold one [image, text] pair per prompt ({len(prompts)}), got {base!r}")
-        pairs = []
-        for b in base:
-            if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(v, (int, float)) for v in b)):
-                raise ValueError(f"{where}: each baseline must be [image_baseline, text_baseline], got {b!r}")
-            pairs.append((float(b[0]), float(b[1])))
-        concepts.append(Concept(str(key), str(entry.get("src_image", key)), prompts, pairs))
-    return concepts
+    """The course ``input.json`` as scoring reads it: every concept needs
+    ``prompt_4_clip_eval`` and a matching ``baseline``."""
+    return read_course_json(json_path, need="score")
 
 
 @dataclass
@@ -187,9 +146,9 @@ def plan_scoring(concepts: Sequence[Concept], concept_root: PathLike, gen_root: 
             raise FileNotFoundError(f"reference folder for concept {c.key!r} not found: {ref_dir}: expected the concept's images")
         refs = list_images(ref_dir)
         if not refs:
-            raise ValueError(f"reference folder {ref_dir}: expected images ({', '.join(IMAGE_EXTENSIONS)}), found none")
+            raise ValueError(f"reference folder {ref_dir}: expected images ({', '.join(IMAGE_SUFFIXES)}), found none")
         plan.concept_dirs[c.key], plan.reference_files[c.key] = ref_dir, refs
-        for p in range(len(c.prompts)):
+        for p in range(len(c.eval_prompts)):
             gdir = gen_root / c.key / str(p)
             if not gdir.is_dir():
                 raise FileNotFoundError(
@@ -224,7 +183,7 @@ def score_concepts(
         c.key: clip.image_features(plan.reference_files[c.key], batch_size, progress, desc=f"references {c.key}")
         for c in concepts
     }
-    prompt_feats = {c.key: clip.text_features(c.prompts) for c in concepts}
+    prompt_feats = {c.key: clip.text_features(c.eval_prompts) for c in concepts}
     results = []
     for case in plan.cases:
         c, p = case.concept, case.prompt_index
@@ -234,7 +193,7 @@ def score_concepts(
         top, mi, mt, ok = evaluate_case(img, txt, c.baselines[p])
         results.append(
             CaseResult(
-                key=c.key, prompt_index=p, prompt=c.prompts[p], src_image=c.src_image,
+                key=c.key, prompt_index=p, prompt=c.eval_prompts[p], src_image=c.src_image,
                 generated_dir=str(case.generated_dir), reference_dir=str(plan.concept_dirs[c.key]),
                 reference_files=[f.name for f in plan.reference_files[c.key]], files=[f.name for f in case.files],
                 image_scores=img, text_scores=txt, baseline_image=c.baselines[p][0], baseline_text=c.baselines[p][1],

@@ -13,21 +13,16 @@ course's ``id2label.json``; underscores in class names become spaces.
 from __future__ import annotations
 
 import csv
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from difflab.checkpoint import load_json, save_json
-from difflab.clip.score import IMAGE_EXTENSIONS
 from difflab.clip.templates import COURSE_TEMPLATE, TEMPLATE_SETS
-from difflab.imageio import atomic_path, from_uint8, save_png
-
-PathLike = Union[str, os.PathLike]
+from difflab.io import PathLike, atomic_path, from_uint8, list_images, load_json, read_templates, save_json, save_png
 
 NAME_RE = re.compile(r"^(\d+)_([^.]+)\.[A-Za-z]+$")
 
@@ -63,9 +58,7 @@ def load_id2label(path: PathLike) -> dict[int, str]:
 def list_labelled_images(val_dir: PathLike, id2label: dict[int, str]) -> tuple[list[Path], list[int]]:
     """Image files of ``val_dir`` (sorted by name) and their class ids, checked against ``id2label``."""
     val_dir = Path(val_dir)
-    if not val_dir.is_dir():
-        raise FileNotFoundError(f"validation folder not found: {val_dir}")
-    files = sorted(p for p in val_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = list_images(val_dir, "validation folder")
     if not files:
         raise ValueError(f"validation folder {val_dir}: expected images named {{class_id}}_{{image_id}}.png, found none")
     labels = [label_from_name(f) for f in files]
@@ -80,14 +73,9 @@ def resolve_templates(spec: str) -> list[str]:
     """A template-set name (``course``, ``cifar100``) or a text file with one template ('{}') per line."""
     if spec in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[spec])
-    path = Path(spec)
-    if not path.is_file():
+    if not Path(spec).is_file():
         raise FileNotFoundError(f"template set {spec!r}: expected one of {sorted(TEMPLATE_SETS)} or a text file, not found")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    bad = [ln for ln in lines if ln.count("{}") != 1]
-    if not lines or bad:
-        raise ValueError(f"{path}: expected one template per line, each with exactly one '{{}}', got {bad[:3] or 'no lines'}")
-    return lines
+    return list(read_templates(spec))
 
 
 # ----------------------------------------------------------------------------- math

@@ -131,8 +131,8 @@ def _load(args, cfg):
 
 
 def _train(args) -> int:
-    from difflab.digits.train import TrainConfig, train
     from difflab.digits.figures import training_sample_fn
+    from difflab.digits.train import TrainConfig, train
     from difflab.nets.digit_unet import DigitUNetConfig
 
     if args.threads:
@@ -160,8 +160,8 @@ def _generate(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from difflab.digits.evaluate import evaluate_folder, format_report
     from difflab.devices import resolve_device
+    from difflab.digits.evaluate import evaluate_folder, format_report
 
     ev = _default_evaluators()
     m = args.mnistm_classifier or ev / "mnistm_classifier.pth"
@@ -184,15 +184,15 @@ def _figures(args) -> int:
 def _export(args) -> int:
     import shutil
 
-    from difflab.checkpoint import load_json, save_json
     from difflab.digits.model_io import resolve_model_dir
+    from difflab.io import load_json, save_json
 
     src = resolve_model_dir(args.run)
     out = Path(args.out)
     meta = load_json(src / "config.json")
     out.mkdir(parents=True, exist_ok=True)
     save_json(meta, out / "config.json")
-    from difflab.imageio import atomic_path
+    from difflab.io import atomic_path
 
     with atomic_path(out / "model.safetensors") as tmp:
         shutil.copyfile(src / "model.safetensors", tmp)

@@ -5,18 +5,13 @@ character of its file name. Output (``format_report``) is the grader's three lin
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 
-from difflab.checkpoint import load_state_strict
-from difflab.imageio import load_png
+from difflab.io import PathLike, load_png, load_state_strict, load_torch_state
 from difflab.nets.digit_classifiers import MnistmClassifier, SvhnClassifier
-
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass
@@ -30,15 +25,7 @@ class DatasetScore:
 
 
 def load_classifier(kind: str, path: PathLike, device="cpu") -> torch.nn.Module:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {kind} classifier weights: {path} (pass --{kind}-classifier)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot load {path} as a state dict: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = load_torch_state(path, f"{kind} classifier weights")
     net = MnistmClassifier() if kind == "mnistm" else SvhnClassifier()
     load_state_strict(net, state, path)
     return net.to(device).eval()

@@ -1,22 +1,19 @@
 """Report figures for Problem 1, and the sample grid written during training."""
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Union
 
 import torch
 
-from difflab.digits.data import DATASETS
+from difflab.data import DATASETS
 from difflab.digits.generate import SampleConfig, generate_images, sample_digits
-from difflab.imageio import make_grid, save_grid, save_png
 from difflab.interpolation import lerp, slerp
+from difflab.io import PathLike, make_grid, save_grid, save_png
 from difflab.nets.digit_unet import DigitUNet
 from difflab.sampling import ddim_timesteps
 from difflab.schedule import NoiseSchedule
 
-PathLike = Union[str, os.PathLike]
 SNAPSHOT_TIMES = (1000, 800, 600, 400, 200, 0)
 
 

@@ -5,47 +5,20 @@ for digit 0..9 and k = 1..50, 28x28 RGB.
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from difflab.digits.data import DATASETS
+from difflab.data import DATASETS
+from difflab.digits.config import SampleConfig
 from difflab.guidance import guided
-from difflab.imageio import save_png
+from difflab.io import PathLike, save_png
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
 from difflab.sampling import ddim_sample, ddim_timesteps, ddpm_sample
 from difflab.schedule import NoiseSchedule
-
-PathLike = Union[str, os.PathLike]
-GUIDE_ON = ("both", "digit", "dataset")
-
-
-@dataclass
-class SampleConfig:
-    sampler: str = "ddim"        # ddim | ddpm
-    steps: int = 10              # DDIM steps (ignored by ddpm, which uses all T)
-    guidance: float = 3.0        # w in eps = (1+w) eps_c - w eps_u (chosen by benchmarks/digits.py)
-    guide_on: str = "both"       # which condition the unconditional branch drops
-    eta: float = 0.0
-    clip_x0: Optional[float] = 1.0
-    batch_size: int = 500
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        if self.guide_on not in GUIDE_ON:
-            raise ValueError(f"guide_on must be one of {GUIDE_ON}, got {self.guide_on!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
 
 
 def null_condition(guide_on: str) -> Callable:

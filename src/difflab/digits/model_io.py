@@ -7,24 +7,15 @@ run folder picks its newest complete checkpoint.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Union
 
-from difflab.checkpoint import load_json, load_state_strict, load_tensors
+from difflab.assets import SHIPPED_DIGITS
+from difflab.io import PathLike, load_json, load_state_strict, load_tensors
 from difflab.nets.digit_unet import DigitUNet, DigitUNetConfig
 from difflab.schedule import NoiseSchedule
+from difflab.training import latest_checkpoint
 
-PathLike = Union[str, os.PathLike]
-
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "digits"
-
-
-def latest_checkpoint(run_dir: PathLike) -> Path | None:
-    """The newest complete ``checkpoints/step_*`` folder of a run, or None."""
-    ckpts = sorted(Path(run_dir).glob("checkpoints/step_*"))
-    done = [c for c in ckpts if (c / "state.json").is_file()]
-    return done[-1] if done else None
+SHIPPED_DIR = SHIPPED_DIGITS
 
 
 def resolve_model_dir(path: PathLike) -> Path:

@@ -10,60 +10,18 @@ Every batch (images, steps, noise, dropout masks) is a pure function of
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
-from difflab.checkpoint import load_json, save_json, save_tensors, load_tensors
-from difflab.digits.data import BalancedDigits
-from difflab.digits.model_io import latest_checkpoint
-from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet, DigitUNetConfig
+from difflab.data import BalancedDigits
+from difflab.digits.config import TrainConfig
+from difflab.io import PathLike, load_json, load_tensors, save_json, save_tensors
+from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
 from difflab.schedule import NoiseSchedule, ddpm_loss
-from difflab.training import cosine_lr, ema_update, write_checkpoint
-
-PathLike = Union[str, os.PathLike]
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 20000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 500
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    p_uncond_digit: float = 0.1
-    p_uncond_dataset: float = 0.1
-    min_snr_gamma: float = 0.0   # >0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain loss
-    schedule: str = "linear"
-    num_train_steps: int = 1000
-    seed: int = 0
-    sample_every: int = 1000
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    mixed_precision: str = "no"
-    device: str = "auto"
-    model: DigitUNetConfig = field(default_factory=DigitUNetConfig)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        model = DigitUNetConfig.from_dict(d.pop("model", {}))
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(model=model, **d)
+from difflab.training import cosine_lr, ema_update, latest_checkpoint, write_checkpoint
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

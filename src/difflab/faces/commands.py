@@ -88,7 +88,7 @@ def _cmd_mse(args) -> int:
 def _load(args, names):
     from difflab.devices import resolve_device
     from difflab.faces.generate import face_denoiser, load_noise_dir
-    from difflab.nets.face_unet import load_face_unet
+    from difflab.faces.model_io import load_face_unet
 
     _, noise = load_noise_dir(args.noise, names)
     dev = resolve_device(args.device)

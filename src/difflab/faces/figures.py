@@ -6,7 +6,6 @@ a tiny test network, or any other eps-predicting model.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -14,11 +13,10 @@ import torch
 from torch import Tensor
 
 from difflab.faces.generate import FaceSampling, sample_faces
-from difflab.imageio import make_grid, save_png
 from difflab.interpolation import lerp, slerp
+from difflab.io import PathLike, make_grid, save_png
 from difflab.sampling import Denoiser
 
-PathLike = Union[str, os.PathLike]
 DEFAULT_ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 

@@ -8,21 +8,18 @@ image min-max normalised to [0, 1] before saving with ``save_image`` rounding.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-
-from difflab.devices import resolve_device
 from torch import Tensor
 
-from difflab.imageio import minmax_normalize, save_png
+from difflab.devices import resolve_device
+from difflab.io import PathLike, minmax_normalize, save_png
 from difflab.sampling import Denoiser, ddim_sample, ddim_timesteps
 from difflab.schedule import NoiseSchedule
 
-PathLike = Union[str, os.PathLike]
 NORMALIZE = ("minmax", "clamp")
 
 
@@ -203,7 +200,7 @@ def generate_dir(
     All inputs are validated (noise files, then weights) before sampling; images are
     written only after every sample is done, each atomically.
     """
-    from difflab.nets.face_unet import load_face_unet
+    from difflab.faces.model_io import load_face_unet
 
     names, noise = load_noise_dir(noise_dir)
     dev = resolve_device(device)

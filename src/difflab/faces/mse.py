@@ -3,34 +3,20 @@ both PNGs read as 0-255 RGB, ``mean((a - b)^2)`` in float over every pixel and
 channel; images are paired by file name."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
-from PIL import Image
 
-PathLike = Union[str, os.PathLike]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float64)
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+from difflab.io import PathLike, list_images, open_rgb
 
 
 def _images(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    return {p.name: p for p in list_images(folder)}
 
 
 def image_mse(a: PathLike, b: PathLike) -> float:
     """MSE on 0-255 RGB pixels between two image files of the same size."""
-    x, y = _read_rgb(Path(a)), _read_rgb(Path(b))
+    x, y = np.asarray(open_rgb(a), dtype=np.float64), np.asarray(open_rgb(b), dtype=np.float64)
     if x.shape != y.shape:
         raise ValueError(f"size mismatch: {a} is {x.shape[1]}x{x.shape[0]}, {b} is {y.shape[1]}x{y.shape[0]}")
     return float(np.mean((x - y) ** 2))

@@ -20,17 +20,12 @@ is fully convolutional: any input whose sides are multiples of 2**(levels - 1) w
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-from difflab.checkpoint import load_state_strict
-
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass(frozen=True)
@@ -255,47 +250,3 @@ class FaceDenoiser:
             inp = inp.contiguous(memory_format=torch.channels_last)
         eps = self.model(inp, t)
         return eps.to(x.dtype).contiguous()
-
-
-def read_state_dict(path: PathLike) -> dict[str, Tensor]:
-    """Read a face-UNet state dict with ``torch.load(weights_only=True)`` on the CPU.
-
-    Accepts the plain state dict (the course's format), a dict wrapping it under
-    ``"state_dict"``, and keys prefixed with ``module.`` (DataParallel).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing face UNet weights: {path} (expected the course's UNet.pt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
-        raise ValueError(f"cannot read {path} as a PyTorch state dict: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"{path}: expected a state dict of tensors, but {len(bad)} entries are not, e.g. {bad[0]!r}")
-    state = dict(obj)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_face_unet(
-    path: PathLike,
-    device: Union[str, torch.device] = "cpu",
-    config: Optional[FaceUNetConfig] = None,
-) -> FaceUNet:
-    """Build a ``FaceUNet`` and load ``path`` into it strictly, in eval mode.
-
-    Without ``config`` the widths are read off the file (the course file gives the
-    default config). A file for another network raises ``ValueError`` naming the file,
-    the missing keys, the unexpected keys and the shape conflicts.
-    """
-    state = read_state_dict(path)
-    cfg = config or FaceUNetConfig.from_state_dict(state)
-    model = FaceUNet(cfg)
-    load_state_strict(model, state, path)
-    return model.to(device).eval().requires_grad_(False)

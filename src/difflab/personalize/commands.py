@@ -18,28 +18,11 @@ CONFIG_HELP = (
 )
 
 
-def _quiet_libraries() -> None:
-    """Silence diffusers/transformers' own progress bars and advice."""
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging is cosmetic
-        pass
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
-
-
 def _train(args: argparse.Namespace) -> int:
     from difflab.personalize.textual_inversion import TrainConfig, train_textual_inversion
+    from difflab.sd.load import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     cfg = TrainConfig(
         sd=args.sd, concept_dir=args.concept_dir, token=args.token, init_word=args.init_word, out=args.out,
         property=args.property, templates=args.templates, num_vectors=args.num_vectors, steps=args.steps, lr=args.lr,
@@ -58,8 +41,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from difflab.personalize.generate import GenerateConfig, generate_from_json
+    from difflab.sd.load import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     cfg = GenerateConfig(
         json=args.json, out=args.out, sd=args.sd, embeddings=tuple(args.embeddings), guidance=args.guidance,
         steps=args.steps, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, seed=args.seed,

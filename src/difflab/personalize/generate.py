@@ -3,73 +3,25 @@
 Layout: ``OUT/{key}/{p}/source{key}_prompt{p}_{i}.png`` for each concept key of the JSON,
 each prompt index p of its ``prompt`` list and i = 0 .. images_per_prompt - 1.
 
-Sampling is our DDIM (``difflab.sampling.ddim_sample``, eta = 0) on SD's training
-schedule, with classifier-free guidance (``difflab.guidance.guided``; SD's guidance
-scale s is w = s - 1 there). Steps are ``ddim_timesteps(1000, steps, offset)`` with SD
-v1's ``steps_offset = 1`` (981, 961, ..., 1 for 50 steps), and the last step lands on
-alpha_bar_0 as in CompVis' DDIM sampler and diffusers' ``set_alpha_to_one=False``.
-
-Each image has its own seed, derived from (seed, key, p, i); its starting noise is
-drawn from a CPU generator with that seed, so an image does not depend on the batch
+Sampling is ``difflab.sd.sample`` (DDIM with classifier-free guidance). Each image has
+its own seed, derived from (seed, key, p, i), so an image does not depend on the batch
 it is in or on the device (up to the network's own floating-point behaviour).
 """
 from __future__ import annotations
 
-import json
-import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from difflab.guidance import guided
-from difflab.imageio import save_png
-from difflab.sampling import ddim_sample, ddim_timesteps
-
-PathLike = Union[str, os.PathLike]
-SHIPPED_EMBEDDINGS = Path(__file__).resolve().parents[1] / "assets" / "embeddings"
-# The mini SD-format model trained on captioned digits (``difflab t2i train``): the
-# model ``ti generate`` uses when no --sd is given.
-SHIPPED_MINI_SD = Path(__file__).resolve().parents[1] / "assets" / "mini_sd"
-
-
-@dataclass(frozen=True)
-class Concept:
-    key: str
-    token: str
-    prompts: Tuple[str, ...]
-
-
-def read_prompt_json(path: PathLike) -> List[Concept]:
-    """The course's ``input.json``: ``{key: {"token_name": str, "prompt": [str, ...], ...}}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt JSON not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a non-empty object of concepts, got {type(data).__name__}")
-    concepts = []
-    for key, entry in data.items():
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: concept {key!r} must be an object, got {type(entry).__name__}")
-        for field in ("token_name", "prompt"):
-            if field not in entry:
-                raise ValueError(f"{path}: concept {key!r} has no {field!r}")
-        token, prompts = entry["token_name"], entry["prompt"]
-        if not isinstance(token, str) or not token.strip():
-            raise ValueError(f"{path}: concept {key!r} token_name must be a non-empty string, got {token!r}")
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{path}: concept {key!r} prompt must be a non-empty list of strings, got {prompts!r}")
-        if any(c in str(key) for c in "/\\") or str(key) in (".", ".."):
-            raise ValueError(f"{path}: concept key {key!r} cannot be a folder name")
-        concepts.append(Concept(str(key), token, tuple(prompts)))
-    return concepts
+from difflab.assets import SHIPPED_EMBEDDINGS, SHIPPED_MINI_SD
+from difflab.io import PathLike, read_course_json, save_png
+from difflab.personalize.config import GenerateConfig
+from difflab.sd.concepts import add_concept, read_embedding_file
+from difflab.sd.load import load_sd, parse_dtype
+from difflab.sd.sample import sample_images
 
 
 def embedding_files(extra: Sequence[PathLike] = ()) -> Tuple[List[Path], List[Path]]:
@@ -91,8 +43,6 @@ def find_embeddings(tokens: Sequence[str], width: int, extra: Sequence[PathLike]
     is used. A required token that is missing, or only found with another width, is an
     error naming the files searched.
     """
-    from difflab.personalize.textual_inversion import read_embedding_file
-
     explicit, shipped = embedding_files(extra)
     chosen: Dict[str, Tuple[Tensor, Path]] = {}
     for f in explicit:
@@ -128,92 +78,17 @@ def image_seed(seed: int, key: str, prompt_index: int, image_index: int) -> int:
     return zlib.crc32(f"{seed}/{key}/{prompt_index}/{image_index}".encode())
 
 
-def initial_noise(seeds: Sequence[int], shape: Tuple[int, int, int]) -> Tensor:
-    """[B, C, h, w] standard normal noise, one CPU generator per seed."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
-
-
-@torch.no_grad()
-def sample_latents(
-    sd,
-    prompt: str,
-    seeds: Sequence[int],
-    *,
-    steps: int = 50,
-    guidance: float = 7.5,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    progress: bool = False,
-) -> Tensor:
-    """DDIM with classifier-free guidance for one prompt: latents [B, C, h, w] (float32).
-
-    :param guidance: SD's guidance scale s (1 = no guidance); ``guided`` gets w = s - 1,
-        with the empty prompt "" as the unconditional condition.
-    """
-    from difflab.personalize.sd import UNetDenoiser
-
-    height = height or sd.resolution
-    width = width or sd.resolution
-    f = sd.vae_downsample
-    if height % f or width % f:
-        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-    b = len(seeds)
-    x_T = initial_noise(seeds, (sd.latent_channels, height // f, width // f)).to(sd.device)
-    cond = sd.encode_text([prompt] * b)
-    uncond = sd.encode_text([""] * b)
-    denoiser = guided(UNetDenoiser(sd.unet), guidance - 1.0, uncond)
-    ts = ddim_timesteps(sd.schedule.num_steps, steps, offset=sd.steps_offset)
-    return ddim_sample(denoiser, sd.schedule, x_T, ts, cond, eta=0.0, last_prev=0, progress=progress)
-
-
-@torch.no_grad()
-def sample_images(sd, prompt: str, seeds: Sequence[int], **kwargs) -> Tensor:
-    """``sample_latents`` then the VAE decoder: [B, 3, H, W] in [0, 1] (float32, CPU)."""
-    return sd.decode(sample_latents(sd, prompt, seeds, **kwargs)).cpu()
-
-
 def output_path(out: PathLike, key: str, p: int, i: int) -> Path:
     return Path(out) / key / str(p) / f"source{key}_prompt{p}_{i}.png"
-
-
-@dataclass
-class GenerateConfig:
-    """Options of ``difflab ti generate`` (the CLI is built from these fields)."""
-
-    json: str
-    out: str
-    sd: Optional[str] = None  # None: the shipped mini model (SHIPPED_MINI_SD)
-    embeddings: Tuple[str, ...] = ()
-    guidance: float = 7.5
-    steps: int = 50
-    images_per_prompt: int = 25
-    batch_size: int = 5
-    seed: int = 0
-    height: Optional[int] = None
-    width: Optional[int] = None
-    device: Optional[str] = None
-    dtype: str = "fp32"
-    tokenizer: Optional[str] = None
-    config_dir: Optional[str] = None
-    quiet: bool = False
-
-    def validate(self) -> None:
-        for name in ("steps", "images_per_prompt", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
-        if Path(self.out).is_file():
-            raise ValueError(f"output {self.out} is a file; expected a folder")
 
 
 def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     """Validate everything, then write every image of the course layout; return the paths."""
     from tqdm.auto import tqdm
 
-    from difflab.personalize.sd import load_sd, parse_dtype
-    from difflab.personalize.textual_inversion import add_concept
 
     cfg.validate()
-    concepts = read_prompt_json(cfg.json)
+    concepts = read_course_json(cfg.json)
     explicit, _ = embedding_files(cfg.embeddings)  # missing files fail before the model loads
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(cfg.dtype, device)

@@ -18,169 +18,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
-from difflab.checkpoint import save_tensors
+from difflab.io import IMAGE_SUFFIXES, PathLike, list_images, open_rgb, parse_templates, read_templates, save_grid, save_tensors
+from difflab.personalize.config import TrainConfig
 from difflab.personalize.templates import TEMPLATES
-
-PathLike = Union[str, os.PathLike]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-# ------------------------------------------------------------------ the spliced lookup
-class ConceptEmbedding(nn.Module):
-    """A token-embedding lookup: the frozen original table plus added concept rows.
-
-    ``base`` keeps its original rows (never given to an optimizer); each concept is one
-    ``nn.Parameter`` [n, d] registered as ``concept_{k}``. Token ids of added tokens map
-    to rows of these parameters; every other id reads ``base``.
-    """
-
-    def __init__(self, base: nn.Embedding):
-        super().__init__()
-        self.base = base
-        self.tokens: List[str] = []  # concept token per parameter
-        self.names: List[List[str]] = []  # tokenizer tokens per concept (tok, tok_1, ...)
-        self.ids: List[List[int]] = []
-
-    @property
-    def weight(self) -> Tensor:
-        """The original table (callers that inspect ``.weight`` see the frozen rows)."""
-        return self.base.weight
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
-
-    def concept(self, token: str) -> nn.Parameter:
-        if token not in self.tokens:
-            raise KeyError(f"no concept {token!r}; have {self.tokens}")
-        return getattr(self, f"concept_{self.tokens.index(token)}")
-
-    def add(self, token: str, names: List[str], ids: List[int], vectors: Tensor, trainable: bool) -> nn.Parameter:
-        if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
-            raise ValueError(f"embedding for {token!r} must be [n, {self.embedding_dim}], got {tuple(vectors.shape)}")
-        param = nn.Parameter(vectors.detach().clone().to(self.base.weight), requires_grad=trainable)
-        self.register_parameter(f"concept_{len(self.tokens)}", param)
-        self.tokens.append(token)
-        self.names.append(list(names))
-        self.ids.append(list(ids))
-        return param
-
-    def expand_prompt(self, prompt: str) -> str:
-        """Write each multi-vector token ``tok`` as ``tok tok_1 ... tok_{n-1}``."""
-        for token, names in zip(self.tokens, self.names):
-            if len(names) > 1:
-                prompt = re.sub(re.escape(token) + r"(?!_\d)", lambda m: " ".join(names), prompt)
-        return prompt
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        out = self.base(torch.where(input_ids < self.base.num_embeddings, input_ids, torch.zeros_like(input_ids)))
-        if not self.tokens:
-            return out
-        table = torch.cat([getattr(self, f"concept_{k}").to(out.dtype) for k in range(len(self.tokens))])
-        all_ids = torch.tensor([i for ids in self.ids for i in ids], device=input_ids.device)
-        match = input_ids.unsqueeze(-1) == all_ids  # [..., K]
-        is_new = match.any(-1, keepdim=True)
-        rows = table[match.float().argmax(-1)]  # row of the matching new token (garbage where none)
-        return torch.where(is_new, rows, out)
-
-
-def concept_embedding(sd) -> ConceptEmbedding:
-    """Install (once) a ConceptEmbedding as the text encoder's input embedding."""
-    if sd.concepts is None:
-        base = sd.text_encoder.get_input_embeddings()
-        if not isinstance(base, nn.Embedding):
-            raise ValueError(f"text encoder input embedding is {type(base).__name__}, expected nn.Embedding")
-        emb = ConceptEmbedding(base)
-        sd.text_encoder.set_input_embeddings(emb)
-        sd.concepts = emb
-    return sd.concepts
-
-
-def token_names(token: str, num_vectors: int) -> List[str]:
-    return [token] + [f"{token}_{k}" for k in range(1, num_vectors)]
-
-
-def add_concept(sd, token: str, vectors: Tensor, trainable: bool = False) -> nn.Parameter:
-    """Add ``token`` with embedding ``vectors`` [n, d] to the tokenizer and text encoder."""
-    if not token or any(c.isspace() for c in token):
-        raise ValueError(f"token must be a non-empty word without spaces, got {token!r}")
-    emb = concept_embedding(sd)
-    if vectors.ndim == 1:
-        vectors = vectors[None]
-    if vectors.ndim != 2 or vectors.shape[1] != emb.embedding_dim:
-        raise ValueError(
-            f"embedding for {token!r} has shape {tuple(vectors.shape)}; the text encoder needs width {emb.embedding_dim}"
-        )
-    names = token_names(token, vectors.shape[0])
-    vocab = sd.tokenizer.get_vocab()
-    taken = [n for n in names if n in vocab or n + "</w>" in vocab]  # '</w>': a whole word in CLIP's BPE
-    if taken:
-        raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new token name")
-    added = sd.tokenizer.add_tokens(names)
-    if added != len(names):
-        raise ValueError(f"the tokenizer added {added} of the tokens {names}")
-    ids = sd.tokenizer.convert_tokens_to_ids(names)
-    return emb.add(token, names, ids, vectors, trainable)
-
-
-def init_vectors(sd, init_word: str, num_vectors: int) -> Tensor:
-    """Initial embedding: the init word's token embedding, repeated ``num_vectors`` times,
-    or its tokens in order when it has exactly ``num_vectors`` tokens."""
-    ids = sd.tokenizer(init_word, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError(f"init word {init_word!r} encodes to no tokens")
-    if len(ids) == 1:
-        ids = ids * num_vectors
-    elif len(ids) != num_vectors:
-        raise ValueError(
-            f"init word {init_word!r} is {len(ids)} tokens ({sd.tokenizer.convert_ids_to_tokens(ids)}); "
-            f"give a one-token word or --num-vectors {len(ids)}"
-        )
-    base = concept_embedding(sd).base.weight
-    return base[torch.tensor(ids, device=base.device)].detach().float().clone()
-
-
-# ------------------------------------------------------------------------ embedding files
-def save_embedding(path: PathLike, token: str, vectors: Tensor, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write {token: [n, d]} as safetensors, atomically."""
-    save_tensors({token: vectors.detach().float().cpu()}, path, metadata=metadata)
-
-
-def read_embedding_file(path: PathLike) -> Dict[str, Tensor]:
-    """token -> [n, d] float32 from one safetensors file (1-D entries become [1, d])."""
-    from difflab.checkpoint import load_tensors
-
-    path = Path(path)
-    tensors = load_tensors(path)
-    out = {}
-    for token, t in tensors.items():
-        if t.ndim == 1:
-            t = t[None]
-        if t.ndim != 2 or t.shape[0] < 1:
-            raise ValueError(f"embedding file {path}: entry {token!r} has shape {tuple(t.shape)}, expected [num_vectors, width]")
-        out[token] = t.float()
-    if not out:
-        raise ValueError(f"embedding file {path} holds no tensors")
-    return out
+from difflab.schedule import ddpm_loss
+from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file, save_embedding
+from difflab.sd.load import DTYPES, UNetDenoiser, load_sd
+from difflab.sd.sample import sample_images
 
 
 # ------------------------------------------------------------------------ concept images
 def list_concept_images(folder: PathLike) -> List[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"concept folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(folder, "concept folder")
     if not files:
         raise ValueError(f"concept folder {folder} has no images: expected files ending in {', '.join(IMAGE_SUFFIXES)}")
     return files
@@ -188,16 +45,11 @@ def list_concept_images(folder: PathLike) -> List[Path]:
 
 def load_concept_image(path: Path, resolution: int) -> Tensor:
     """Center-crop to a square, resize (bicubic) to ``resolution``: [3, R, R] in [-1, 1]."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    im = open_rgb(path)
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    arr = np.asarray(im.resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
@@ -222,84 +74,6 @@ def encode_concept_images(sd, files: Sequence[Path], resolution: int) -> Tuple[T
 
 
 # ------------------------------------------------------------------------------ training
-@dataclass
-class TrainConfig:
-    """Options of ``difflab ti train`` (the CLI is built from these fields)."""
-
-    sd: str
-    concept_dir: str
-    token: str
-    init_word: str
-    out: str
-    property: str = "object"
-    templates: Optional[str] = None  # a text file of caption templates (one per line, "{}" = the token)
-    num_vectors: int = 1
-    steps: int = 3000
-    lr: float = 2e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 4
-    resolution: Optional[int] = None  # None: the model's native size (512 for SD v1)
-    flip_p: float = 0.5  # probability of a horizontal mirror per training image (0 for text, digits, asymmetric things)
-    seed: int = 0
-    resume: Optional[str] = None
-    embeddings: List[str] = field(default_factory=list)  # other concepts, loaded frozen
-    validation_prompt: Optional[str] = None
-    validation_every: int = 500
-    validation_images: int = 4
-    validation_steps: int = 50
-    guidance: float = 7.5
-    save_every: int = 500
-    mixed_precision: str = "no"
-    device: Optional[str] = None  # None: accelerate's choice
-    tokenizer: Optional[str] = None
-    config_dir: Optional[str] = None
-    quiet: bool = False
-
-    def validate(self) -> None:
-        if self.property not in TEMPLATES:
-            raise ValueError(f"--property must be one of {sorted(TEMPLATES)}, got {self.property!r}")
-        for name in ("num_vectors", "steps", "batch_size", "validation_every", "validation_images", "validation_steps", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"--resolution must be >= 8, got {self.resolution!r}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"--flip-p must be in [0, 1], got {self.flip_p!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.templates is not None:
-            read_templates(self.templates)
-        if Path(self.out).suffix != ".safetensors":
-            raise ValueError(f"--out must end in .safetensors, got {self.out!r}")
-
-
-def parse_templates(text: str, source: str) -> Tuple[str, ...]:
-    """Caption templates, one per line, each with exactly one ``{}`` where the token
-    goes; blank lines and lines starting with ``#`` are skipped. ``source`` names the
-    file in errors."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
-            raise ValueError(f"{source}, line {n}: a template needs exactly one '{{}}' (where the token goes) and no other braces, got {line!r}")
-        out.append(line)
-    if not out:
-        raise ValueError(f"templates file {source} has no templates")
-    return tuple(out)
-
-
-def read_templates(path: PathLike) -> Tuple[str, ...]:
-    """Caption templates from a text file (``parse_templates``'s format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"templates file not found: {path}")
-    return parse_templates(path.read_text(encoding="utf-8"), str(path))
-
-
 def caption_file(image: Path) -> Path:
     """The per-image caption file of a concept image: the same name ending in ``.txt``."""
     return image.with_suffix(".txt")
@@ -370,9 +144,6 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from difflab.personalize.sd import UNetDenoiser, load_sd
-    from difflab.schedule import ddpm_loss
-
     cfg.validate()
     files = list_concept_images(cfg.concept_dir)  # fail before loading anything big
     for f in files:
@@ -388,7 +159,7 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
 
     cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    weight_dtype = DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
     if sd is None:
         sd = load_sd(cfg.sd, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir)
     device = accelerator.device
@@ -479,9 +250,6 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
 
 @torch.no_grad()
 def _validate(sd, cfg: TrainConfig, out: Path, step: int) -> None:
-    from difflab.imageio import save_grid
-    from difflab.personalize.generate import sample_images
-
     sd.text_encoder.eval()
     seeds = [cfg.seed * 1000 + k for k in range(cfg.validation_images)]
     images = sample_images(sd, cfg.validation_prompt, seeds, steps=cfg.validation_steps, guidance=cfg.guidance)

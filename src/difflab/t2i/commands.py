@@ -5,7 +5,7 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
-    from difflab.personalize.commands import _quiet_libraries
+    from difflab.sd.load import quiet_libraries
     from difflab.t2i.model import MiniConfig
     from difflab.t2i.train import T2ITrainConfig, train_t2i
 
@@ -13,7 +13,7 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    _quiet_libraries()
+    quiet_libraries()
     model = MiniConfig(unet_channels=tuple(args.unet_channels), unet_layers_per_block=args.unet_layers_per_block,
                        attention_levels=tuple(args.attention_levels),
                        vae_channels=tuple(args.vae_channels), text_width=args.text_width, text_layers=args.text_layers,

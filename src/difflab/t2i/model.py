@@ -10,17 +10,17 @@ diffusers layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), which
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-from difflab.checkpoint import staged_dir
+from difflab.io import PathLike, save_json, staged_dir
+from difflab.sd.load import read_config
+from difflab.sd.tokenizer import write_clip_vocab
 from difflab.t2i.captions import VOCAB_WORDS
 
-PathLike = Union[str, os.PathLike]
 IMAGE_SIZE = 32
 
 
@@ -47,15 +47,12 @@ class MiniConfig:
     # per group; half of it in the 64-channel level of 32 groups).
     time_scale_shift: bool = True
 
-    # Configs written before these options existed describe UNets without them.
-    LEGACY_DEFAULTS = {"text_time_embedding": False, "time_scale_shift": False}
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MiniConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown MiniConfig fields: {sorted(unknown)}")
-        d = {**cls.LEGACY_DEFAULTS, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,21 +98,10 @@ class MiniConfig:
         )
 
 
-# SD v1's training noise schedule, in the diffusers scheduler-config format that
-# difflab's SD loader reads.
-SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False,
-    "set_alpha_to_one": False,
-}
-
-
 def build_tokenizer(folder: PathLike, max_length: int):
     """A CLIP tokenizer whose vocabulary has one token per mini-world word, written to
     ``folder`` (vocab.json, merges.txt and the tokenizer config) in one rename."""
     from transformers import CLIPTokenizer
-
-    from difflab.personalize.tiny import write_clip_vocab
 
     folder = Path(folder)
     with staged_dir(folder) as tmp:
@@ -173,9 +159,7 @@ def save_folder(folder: PathLike, *, unet=None, vae=None, text_encoder=None,
             copy.deepcopy(obj).to(dtype).save_pretrained(str(tmp), safe_serialization=True)
     sched = folder / "scheduler"
     sched.mkdir(exist_ok=True)
-    from difflab.checkpoint import save_json
-
-    save_json(SCHEDULER_CONFIG, sched / "scheduler_config.json")
+    save_json(read_config("scheduler"), sched / "scheduler_config.json")
     if extra is not None:
         save_json(extra, folder / "mini_sd.json")
     return folder

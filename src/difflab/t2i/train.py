@@ -27,92 +27,30 @@ noise) is a pure function of (seed, step, process index).
 from __future__ import annotations
 
 import copy
-import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from difflab.checkpoint import load_json, load_tensors, save_json, save_tensors
-from difflab.digits.data import BalancedDigits
-from difflab.digits.model_io import latest_checkpoint
+from difflab.data import BalancedDigits, DigitSet
+from difflab.io import PathLike, load_json, load_tensors, save_grid, save_json, save_tensors
 from difflab.schedule import ddpm_loss
-from difflab.training import cosine_lr, ema_update, write_checkpoint
+from difflab.sd.load import UNetDenoiser, load_sd, read_config, schedule_from_config
+from difflab.sd.sample import sample_images
 from difflab.t2i.captions import DESCRIPTOR_MARK, DIGIT_NAMES, HELD_OUT_DIGIT, check_caption, draw_captions
+from difflab.t2i.config import T2ITrainConfig
 from difflab.t2i.model import (
-    IMAGE_SIZE, MiniConfig, build_text_encoder, build_tokenizer, build_unet, build_vae, save_folder,
+    IMAGE_SIZE,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    save_folder,
 )
-
-PathLike = Union[str, os.PathLike]
-
-
-@dataclass
-class T2ITrainConfig:
-    steps: int = 6000              # diffusion-stage optimisation steps (95 min at 1.05 steps/s, 2 cores, bf16: the shipped run)
-    batch_size: int = 64
-    lr: float = 1e-3               # with p_unnamed 0.3: in the first mini model's run, names were learned ~2x faster than with 5e-4 / 0.6
-    warmup: int = 300
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0
-    train_text_encoder: bool = True
-    p_unnamed: float = 0.3         # caption a non-7 digit without its name
-    p_empty: float = 0.1           # empty caption (classifier-free guidance)
-    p_descriptor: float = 0.0      # non-empty caption -> "a photo of the digit * ..." with * = the image's descriptor
-    p_held_out_unnamed: float = 1.0  # a 7's non-descriptor caption is "a digit" (else a descriptor caption); = p_unnamed balances "a digit"
-    descriptor_steps: int = 1500   # stage 1b: the descriptor network (about 2 min here)
-    init_from: str = ""            # start the diffusion stage from this model folder's UNet and text encoder (and VAE)
-    vae_steps: int = 800           # about 9.5 min at 1.42 steps/s
-    vae_batch_size: int = 64
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-4
-    seed: int = 0
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    sample_every: int = 1000
-    export_dtype: str = "fp16"
-    mixed_precision: str = "no"
-    device: str = "auto"
-    model: MiniConfig = field(default_factory=MiniConfig)
-
-    def validate(self) -> None:
-        self.model.validate()
-        for name in ("steps", "batch_size", "vae_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.vae_steps < 0:
-            raise ValueError(f"vae_steps must be >= 0, got {self.vae_steps!r}")
-        if self.descriptor_steps < 1:
-            raise ValueError(f"descriptor_steps must be >= 1, got {self.descriptor_steps!r}")
-        for name in ("p_unnamed", "p_empty", "p_descriptor", "p_held_out_unnamed"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.p_held_out_unnamed < 1.0 and self.p_descriptor <= 0:
-            raise ValueError(f"p_held_out_unnamed {self.p_held_out_unnamed} < 1 gives 7s descriptor captions; "
-                             "it needs p_descriptor > 0")
-        if self.export_dtype not in ("fp16", "fp32"):
-            raise ValueError(f"export_dtype must be fp16 or fp32, got {self.export_dtype!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "T2ITrainConfig":
-        d = dict(d)
-        model = MiniConfig.from_dict(d.pop("model", {}))
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown T2ITrainConfig fields: {sorted(unknown)}")
-        return cls(model=model, **d)
+from difflab.training import cosine_lr, ema_update, latest_checkpoint, write_checkpoint
 
 
 def to_model_size(x: Tensor) -> Tensor:
@@ -231,8 +169,6 @@ class DescriptorNet(torch.nn.Module):
 
 def named_only(data: BalancedDigits) -> BalancedDigits:
     """The same datasets without any image of the held-out digit."""
-    from difflab.digits.data import DigitSet
-
     return BalancedDigits([DigitSet(s.name, s.images[s.labels != HELD_OUT_DIGIT], s.labels[s.labels != HELD_OUT_DIGIT])
                            for s in data.sets])
 
@@ -317,8 +253,7 @@ def load_descriptor(run: PathLike) -> tuple[DescriptorNet, torch.nn.Linear]:
 
 def _load_init_source(folder: PathLike):
     """The ``--init-from`` model folder, loaded once (float32, CPU) by the project's SD loader."""
-    from difflab.personalize.sd import load_sd
-
+    
     folder = Path(folder)
     for sub in ("vae", "unet", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
@@ -380,9 +315,6 @@ def train_t2i(
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-
-    from difflab.personalize.sd import UNetDenoiser, schedule_from_config
-    from difflab.t2i.model import SCHEDULER_CONFIG
 
     cfg.validate()
     out = Path(out)
@@ -503,7 +435,7 @@ def train_t2i(
         unet, text, projection, optimizer = accelerator.prepare(unet, text, projection, optimizer)
     else:
         unet, text, optimizer = accelerator.prepare(unet, text, optimizer)
-    schedule = schedule_from_config(SCHEDULER_CONFIG)
+    schedule = schedule_from_config(read_config("scheduler"))
     denoiser = UNetDenoiser(unet)
     labels = data.labels
     rank = accelerator.process_index
@@ -591,10 +523,7 @@ SAMPLE_PROMPTS = tuple(
 def write_sample_grid(model_dir: PathLike, path: PathLike, per_prompt: int = 4, steps: int = 25, guidance: float = 4.0) -> Path:
     """A grid of ``per_prompt`` samples (one row each) for each of SAMPLE_PROMPTS, from the
     exported model in ``model_dir``."""
-    from difflab.imageio import save_grid
-    from difflab.personalize.generate import sample_images
-    from difflab.personalize.sd import load_sd
-
+    
     sd = load_sd(model_dir)
     images = [sample_images(sd, p, list(range(per_prompt)), steps=steps, guidance=guidance) for p in SAMPLE_PROMPTS]
     grid = torch.stack(images, dim=1).flatten(0, 1)  # column = prompt

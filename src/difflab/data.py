@@ -17,17 +17,17 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
+
+from difflab.io import PathLike, read_rgb
 
 DATASETS = ("mnistm", "svhn")
 IMAGE_SIZE = 28
 
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass
@@ -86,19 +86,6 @@ def _fingerprint(csv_path: Path, data_dir: Path, rows: Sequence[tuple[str, int]]
     return h.hexdigest()[:24]
 
 
-def _decode(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    if arr.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"image {path} is {arr.shape[0]}x{arr.shape[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
-        )
-    return arr
-
-
 def load_digit_set(root: PathLike, name: str, cache_dir: Optional[PathLike] = None, progress: bool = True) -> DigitSet:
     """Load ``root/name`` (course layout) into memory, using the decoded-image cache."""
     if name not in DATASETS:
@@ -119,13 +106,13 @@ def load_digit_set(root: PathLike, name: str, cache_dir: Optional[PathLike] = No
 
     images = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for i, (img_name, _) in enumerate(tqdm(rows, desc=f"decoding {name}", disable=not progress, leave=False)):
-        images[i] = _decode(data_dir / img_name)
+        images[i] = read_rgb(data_dir / img_name, (IMAGE_SIZE, IMAGE_SIZE))
     labels = np.array([label for _, label in rows], dtype=np.int64)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, images=images, labels=labels)
-        from difflab.imageio import atomic_path
+        from difflab.io import atomic_path
 
         with atomic_path(cache_file) as tmp:
             tmp.write_bytes(buf.getvalue())

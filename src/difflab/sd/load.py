@@ -6,7 +6,7 @@ Two forms are read:
   key names (``model.diffusion_model.*``, ``first_stage_model.*``,
   ``cond_stage_model.transformer.*``). The keys are converted with diffusers'
   ``convert_ldm_*_checkpoint`` functions; the network configs they need are carried in
-  ``personalize/configs/*.json`` (or given with ``config_dir``), never fetched;
+  ``sd/configs/*.json`` (or given with ``config_dir``), never fetched;
 - a diffusers-format folder with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``
   (and optionally ``scheduler/scheduler_config.json``), read with ``local_files_only``.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -25,10 +24,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from difflab.checkpoint import describe_mismatch
+from difflab.io import PathLike, describe_mismatch, load_torch_state
 from difflab.schedule import NoiseSchedule
-
-PathLike = Union[str, os.PathLike]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 NETWORKS = ("unet", "vae", "text_encoder")
@@ -79,12 +76,14 @@ def schedule_from_config(cfg: Dict[str, Any], source: str = "scheduler config") 
     """Training betas of an SD-style scheduler config as our NoiseSchedule (float64).
 
     ``scaled_linear`` (SD v1): beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2;
-    ``linear``: linspace(beta_start, beta_end, T).
+    ``linear``: linspace(beta_start, beta_end, T). Keys the config leaves out take SD
+    v1's values (the carried ``configs/scheduler.json``).
     """
-    kind = cfg.get("beta_schedule", "scaled_linear")
-    T = int(cfg.get("num_train_timesteps", 1000))
-    b0, b1 = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
+    cfg = {**read_config("scheduler"), **cfg}
+    kind = cfg["beta_schedule"]
+    T = int(cfg["num_train_timesteps"])
+    b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
+    if cfg["prediction_type"] != "epsilon":
         raise ValueError(f"{source}: prediction_type {cfg['prediction_type']!r} is not supported; expected 'epsilon' (SD v1)")
     if kind == "scaled_linear":
         betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
@@ -93,11 +92,6 @@ def schedule_from_config(cfg: Dict[str, Any], source: str = "scheduler config") 
     else:
         raise ValueError(f"{source}: beta_schedule {kind!r} is not supported; expected 'scaled_linear' or 'linear'")
     return NoiseSchedule(betas)
-
-
-def sd_v1_schedule() -> NoiseSchedule:
-    """SD v1's training schedule: scaled_linear, 0.00085 -> 0.012, 1000 steps."""
-    return schedule_from_config(read_config("scheduler"))
 
 
 # ----------------------------------------------------------------------- the bundle
@@ -188,78 +182,11 @@ class UNetDenoiser:
 
 
 # ----------------------------------------------------------------- single-file reading
-class _Inert:
-    """Stand-in for a non-tensor Python object inside a checkpoint pickle.
-
-    Calling or building it runs no code from the file; its state is dropped.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-def _inert_global(fullname: str):
-    module, _, qualname = fullname.rpartition(".")
-    cls = type(qualname or "Inert", (_Inert,), {"__module__": module or "__inert__"})
-    return (cls, fullname)
-
-
-def _torch_load_tensors(path: Path) -> Any:
-    """``torch.load(weights_only=True)``; objects the safe unpickler refuses become inert.
-
-    Training checkpoints (e.g. ``sd-v1-4.ckpt``) may pickle a few Python objects beside
-    the weights (trainer callbacks, step counters). A plain ``weights_only=True`` load
-    refuses them; then the refused globals are listed without loading
-    (``get_unsafe_globals_in_checkpoint``) and replaced by classes that run no code, and
-    the file is loaded again with ``weights_only=True``.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first:
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {path}: {e}") from None
-        try:
-            with torch.serialization.safe_globals([_inert_global(n) for n in names]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"cannot read checkpoint {path} safely: torch.load(weights_only=True) refused it "
-                f"({str(first).splitlines()[0]}), and replacing the pickled objects {names} by inert "
-                f"placeholders failed too ({e}). Convert it to .safetensors in an environment you trust."
-            ) from None
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-
-
 def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
-    """The flat ``name -> tensor`` mapping of a single-file checkpoint.
-
-    ``.safetensors`` is read directly; anything else with ``torch.load(weights_only=True)``
-    (see ``_torch_load_tensors``). A top-level ``state_dict`` entry is unwrapped;
-    non-tensor entries are dropped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"cannot read safetensors checkpoint {path}: {e}") from None
-    else:
-        obj = _torch_load_tensors(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors (or one under 'state_dict'), got {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    """The flat ``name -> tensor`` mapping of a single-file SD checkpoint, read safely
+    (``difflab.io.load_torch_state``; pickled trainer objects become inert, non-tensor
+    entries are dropped)."""
+    return load_torch_state(path, "checkpoint", inert_fallback=True, drop_non_tensors=True)
 
 
 def _check_sd_v1_keys(state: Dict[str, Tensor], path: Path) -> None:
@@ -462,3 +389,21 @@ def _load_diffusers_folder(path: Path, tokenizer: Optional[PathLike]) -> StableD
         unet, vae, text_encoder, tok,
         schedule_from_config(sched_cfg, str(sched_file)), int(sched_cfg.get("steps_offset", 1)), str(path),
     )
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers' own progress bars and advice."""
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging is cosmetic
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass

@@ -1,0 +1,416 @@
+"""Everything difflab reads from or writes to disk, one copy each.
+
+- atomic writes (``atomic_path``, ``staged_dir``) and JSON;
+- our own weights: safetensors, loaded strictly (``load_state_strict`` names every
+  mismatch); foreign PyTorch pickles through one safe reader (``load_torch_state``);
+- images: the one suffix list, listing, opening with an error that names the file,
+  tensor <-> PNG with torchvision ``save_image`` rounding, grids;
+- caption/prompt template files (``read_templates``) and the course ``input.json``
+  (``read_course_json``, one ``Concept``).
+
+``save_image`` semantics: a float image in [0, 1] becomes
+``uint8(clamp(x * 255 + 0.5, 0, 255))`` (round half up, then truncate).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+PathLike = Union[str, os.PathLike]
+
+# Every image reader of the project lists these (any case): the course grader's
+# extensions plus .webp for concept photos.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+# ------------------------------------------------------------------------ atomic writes
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    A crash or exception inside the block leaves ``path`` untouched and removes the
+    temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # mkstemp creates 0600 files; give the result the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, prefix: Optional[str] = None) -> Iterator[Path]:
+    """A temporary folder beside ``final`` (named ``prefix`` + random) to write into; on
+    success it replaces ``final`` in one rename, on error it is removed and ``final`` is
+    left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- JSON and weights
+def save_json(obj: Any, path: PathLike) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing JSON file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def save_tensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Save a flat name -> tensor mapping as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def load_tensors(path: PathLike, device: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:
+        raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def describe_mismatch(module: nn.Module, state: Mapping[str, Tensor]) -> str:
+    """A readable account of how ``state`` fails to fit ``module`` ('' when it fits)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    parts = []
+
+    def show(title, items):
+        if items:
+            head = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            parts.append(f"{title} ({len(items)}): {head}")
+
+    show("missing keys", missing)
+    show("unexpected keys", unexpected)
+    show("shape conflicts", shapes)
+    return "; ".join(parts)
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: PathLike) -> None:
+    """``load_state_dict(strict=True)`` with an error naming the file and every mismatch."""
+    problem = describe_mismatch(module, state)
+    if problem:
+        raise ValueError(f"{source} does not fit {type(module).__name__}: {problem}")
+    module.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------ images
+def to_uint8(img: Tensor) -> np.ndarray:
+    """[C, H, W] float in [0, 1] -> [H, W, C] uint8 with save_image rounding (C = 1 or 3)."""
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"expected a [C, H, W] image with C in (1, 3), got shape {tuple(img.shape)}")
+    arr = img.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return arr.permute(1, 2, 0).numpy()
+
+
+def from_uint8(arr: np.ndarray) -> Tensor:
+    """[H, W, C] uint8 -> [C, H, W] float32 in [0, 1]."""
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float().div_(255)
+
+
+def minmax_normalize(x: Tensor) -> Tensor:
+    """Per-image min-max normalisation of a [B, C, H, W] batch to [0, 1]."""
+    flat = x.reshape(x.shape[0], -1)
+    lo = flat.min(dim=1).values.reshape(-1, 1, 1, 1)
+    hi = flat.max(dim=1).values.reshape(-1, 1, 1, 1)
+    return (x - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def save_png(img: Tensor, path: PathLike) -> None:
+    """Write one [C, H, W] image in [0, 1] as an 8-bit PNG, atomically."""
+    arr = to_uint8(img)
+    mode = "L" if arr.shape[2] == 1 else "RGB"
+    pil = Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def open_rgb(path: PathLike) -> Image.Image:
+    """Open an image file as RGB (``Image.open(p).convert('RGB')``), decoded in full; a
+    missing or unreadable file is an error naming it."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def read_rgb(path: PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as an [H, W, 3] uint8 array; optionally check its (H, W)."""
+    arr = np.asarray(open_rgb(path))
+    if size is not None and arr.shape[:2] != tuple(size):
+        raise ValueError(f"image {path} is {arr.shape[0]}x{arr.shape[1]}, expected {size[0]}x{size[1]}")
+    return arr
+
+
+def load_png(path: PathLike, size: tuple[int, int] | None = None) -> Tensor:
+    """Read an image file as [3, H, W] float in [0, 1]; optionally check its (H, W)."""
+    return from_uint8(read_rgb(path, size))
+
+
+def list_images(folder: PathLike, what: str = "image folder") -> list[Path]:
+    """Image files directly in ``folder`` (``IMAGE_SUFFIXES``, any case), sorted by name.
+    ``what`` names the folder in the error when it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def make_grid(images: Union[Tensor, Sequence[Tensor]], nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> Tensor:
+    """Tile a [B, C, H, W] batch into one [C, H', W'] image, ``nrow`` images per row,
+    with ``padding`` pixels of ``pad_value`` around every tile (torchvision's layout)."""
+    if not isinstance(images, Tensor):
+        images = torch.stack(list(images))
+    if images.ndim != 4:
+        raise ValueError(f"expected [B, C, H, W], got shape {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    nrows = int(math.ceil(b / ncol))
+    H, W = h + padding, w + padding
+    grid = images.new_full((c, nrows * H + padding, ncol * W + padding), pad_value)
+    for k in range(b):
+        r, col = divmod(k, ncol)
+        grid[:, r * H + padding : r * H + padding + h, col * W + padding : col * W + padding + w] = images[k]
+    return grid
+
+
+def save_grid(images: Union[Tensor, Sequence[Tensor]], path: PathLike, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> None:
+    """``make_grid`` then ``save_png`` (what torchvision's ``save_image`` does with a batch)."""
+    save_png(make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value), path)
+
+
+# ---------------------------------------------------------------- foreign state dicts
+class _Inert:
+    """Stand-in for a non-tensor Python object inside a checkpoint pickle.
+
+    Calling or building it runs no code from the file; its state is dropped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _inert_global(fullname: str):
+    module, _, qualname = fullname.rpartition(".")
+    cls = type(qualname or "Inert", (_Inert,), {"__module__": module or "__inert__"})
+    return (cls, fullname)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _torch_load(path: Path, inert_fallback: bool) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU. With ``inert_fallback``, globals the
+    safe unpickler refuses (trainer callbacks pickled beside SD weights) are listed
+    without loading and replaced by classes that run no code, then the file is loaded
+    again with ``weights_only=True``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        if not inert_fallback:
+            raise ValueError(f"cannot read {path} as a PyTorch state dict: UnpicklingError: {_first_line(first)}") from None
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        try:
+            with torch.serialization.safe_globals([_inert_global(n) for n in names]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"cannot read checkpoint {path} safely: torch.load(weights_only=True) refused it "
+                f"({_first_line(first)}), and replacing the pickled objects {names} by inert "
+                f"placeholders failed too ({e}). Convert it to .safetensors in an environment you trust."
+            ) from None
+    except Exception as e:  # RuntimeError (not a zip/pickle), EOFError, ...
+        raise ValueError(f"cannot read {path} as a PyTorch state dict: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def load_torch_state(path: PathLike, what: str = "checkpoint", *, inert_fallback: bool = False,
+                     drop_non_tensors: bool = False) -> dict[str, Tensor]:
+    """The flat ``name -> tensor`` mapping of a foreign weights file, read safely.
+
+    ``.safetensors`` is read directly; anything else with ``torch.load(weights_only=True)``
+    (see ``_torch_load`` for ``inert_fallback``). A top-level ``state_dict`` entry is
+    unwrapped and a ``module.`` prefix on every key (DataParallel) is removed. Entries
+    that are not tensors are an error, or dropped with ``drop_non_tensors``.
+    ``what`` names the file's role in errors ("face UNet weights").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {what}: {path}")
+    if path.suffix == ".safetensors":
+        obj: Any = load_tensors(path)
+    else:
+        obj = _torch_load(path, inert_fallback)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    if drop_non_tensors:
+        obj = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{path}: expected a state dict of tensors, but {len(bad)} entries are not, e.g. {bad[0]!r}")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+# ------------------------------------------------------------------------- text inputs
+def parse_templates(text: str, source: str) -> Tuple[str, ...]:
+    """Templates, one per line, each with exactly one ``{}`` (where the token or class
+    name goes) and no other braces; blank lines and lines starting with ``#`` are
+    skipped. ``source`` names the file in errors."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
+            raise ValueError(f"{source}, line {n}: a template needs exactly one '{{}}' and no other braces, got {line!r}")
+        out.append(line)
+    if not out:
+        raise ValueError(f"templates file {source} has no templates")
+    return tuple(out)
+
+
+def read_templates(path: PathLike) -> Tuple[str, ...]:
+    """Templates from a text file (``parse_templates``'s format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"templates file not found: {path}")
+    return parse_templates(path.read_text(encoding="utf-8"), str(path))
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept of the course ``input.json``.
+
+    ``prompts`` (``prompt``) hold the concept token and are what generation draws;
+    ``eval_prompts`` (``prompt_4_clip_eval``) and ``baselines`` ([image, text] per
+    prompt) are what CLIP scoring needs; ``src_image`` names the reference folder.
+    """
+
+    key: str
+    token: str
+    prompts: Tuple[str, ...]
+    src_image: str
+    eval_prompts: Tuple[str, ...] = ()
+    baselines: Tuple[Tuple[float, float], ...] = ()
+
+
+def _string_list(value: Any, where: str, name: str) -> Tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"{where}: {name!r} must be a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _course_concept(path: Path, key: str, entry: Any, need: str) -> Concept:
+    where = f"{path}: concept {key!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+    if any(c in key for c in "/\\") or key in (".", ".."):
+        raise ValueError(f"{path}: concept key {key!r} cannot be a folder name")
+    required = ("token_name", "prompt") if need == "generate" else ("prompt_4_clip_eval", "baseline")
+    for name in required:
+        if name not in entry:
+            raise ValueError(f"{where} has no {name!r} (missing key {name!r} of the course format)")
+    token = entry.get("token_name", "")
+    if need == "generate" and (not isinstance(token, str) or not token.strip()):
+        raise ValueError(f"{where}: 'token_name' must be a non-empty string, got {token!r}")
+    prompts = _string_list(entry["prompt"], where, "prompt") if need == "generate" else ()
+    eval_prompts, pairs = (), ()
+    if need == "score":
+        eval_prompts = _string_list(entry["prompt_4_clip_eval"], where, "prompt_4_clip_eval")
+        base = entry["baseline"]
+        if not isinstance(base, list) or len(base) != len(eval_prompts):
+            raise ValueError(f"{where}: 'baseline' must hold one [image, text] pair per prompt ({len(eval_prompts)}), got {base!r}")
+        for b in base:
+            if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(v, (int, float)) for v in b)):
+                raise ValueError(f"{where}: each baseline must be [image_baseline, text_baseline], got {b!r}")
+        pairs = tuple((float(b[0]), float(b[1])) for b in base)
+    return Concept(key, str(token), prompts, str(entry.get("src_image", key)), eval_prompts, pairs)
+
+
+def read_course_json(path: PathLike, need: str = "generate") -> list[Concept]:
+    """The course's ``input.json``: ``{key: {"token_name", "prompt": [...], "src_image",
+    "prompt_4_clip_eval": [...], "baseline": [[image, text], ...]}}``.
+
+    :param need: ``"generate"`` checks what generation reads (``token_name``, ``prompt``),
+        ``"score"`` what CLIP scoring reads (``prompt_4_clip_eval``, ``baseline``).
+    """
+    if need not in ("generate", "score"):
+        raise ValueError(f"need must be 'generate' or 'score', got {need!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt JSON not found: {path}")
+    data = load_json(path)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty object of concepts, got {type(data).__name__}")
+    return [_course_concept(path, str(key), entry, need) for key, entry in data.items()]
