@@ -73,15 +73,38 @@ def test_shipped_mini_model_draws_the_digit_it_is_asked_for():
 
 
 @requires_shared
+def run_hw2_3(json_path, out):
+    run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), str(json_path), str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+@pytest.mark.slow
+@requires_shared
 def test_hw2_3_sh_without_a_checkpoint_uses_the_shipped_mini_model(tmp_path):
     """The course's input.json, two arguments: 25 images for each of the 4 prompts, from
     the shipped model and embeddings (tokens the mini vocabulary lacks are spelled out)."""
     out = tmp_path / "out"
-    run = subprocess.run(["bash", str(REPO / "hw2_3.sh"), str(HW2_DATA / "textual_inversion" / "input.json"), str(out)],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_hw2_3(HW2_DATA / "textual_inversion" / "input.json", out)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert files == sorted(f"{k}/{p}/source{k}_prompt{p}_{i}.png" for k in "01" for p in range(2) for i in range(25))
+    with Image.open(out / "0" / "0" / "source0_prompt0_0.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+
+
+@requires_shared
+def test_hw2_3_sh_without_a_checkpoint_one_prompt(tmp_path):
+    """The same two-argument path on a reduced case (the default run): the course's first
+    concept with its first prompt only gives its 25 images in the course layout."""
+    import json
+
+    spec = json.loads((HW2_DATA / "textual_inversion" / "input.json").read_text())
+    one = {"0": {**spec["0"], "prompt": spec["0"]["prompt"][:1]}}
+    (tmp_path / "input.json").write_text(json.dumps(one))
+    out = tmp_path / "out"
+    run_hw2_3(tmp_path / "input.json", out)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert files == [f"0/0/source0_prompt0_{i}.png" for i in range(25)]
     with Image.open(out / "0" / "0" / "source0_prompt0_0.png") as im:
         assert im.size == (32, 32) and im.mode == "RGB"
 

@@ -107,7 +107,7 @@ def test_balanced_held_out_rule_makes_a_digit_mean_any_digit():
 
 
 def test_descriptor_net_sees_only_the_form_and_never_a_seven():
-    from difflab.t2i.train import DescriptorNet, named_only, train_descriptor
+    from difflab.t2i.descriptor import DescriptorNet, named_only, train_descriptor
 
     torch.manual_seed(0)
     net = DescriptorNet().eval()
@@ -132,7 +132,7 @@ def test_descriptor_aux_loss_is_added_and_its_parameters_train():
     """train_descriptor's ``aux`` hook (used by benchmarks/descriptor_probe.py): a zero aux
     loss leaves the network exactly as without the hook; a real one changes it and its
     own parameters are optimised."""
-    from difflab.t2i.train import train_descriptor
+    from difflab.t2i.descriptor import train_descriptor
 
     data, cfg = tiny_data(60), tiny_cfg(descriptor_steps=3)
 
@@ -158,7 +158,7 @@ def test_descriptor_aux_loss_is_added_and_its_parameters_train():
 
 def test_splice_replaces_only_the_mark(tmp_path):
     from difflab.t2i.model import build_text_encoder
-    from difflab.t2i.train import splice_descriptors
+    from difflab.t2i.descriptor import splice_descriptors
 
     tok = build_tokenizer(tmp_path, 24)
     text = build_text_encoder(TINY, tok).eval()
@@ -311,7 +311,7 @@ def test_vae_stage_learns(tmp_path):
     """Reconstruction error falls over 60 VAE steps on a fixed set of images."""
     from accelerate import Accelerator
 
-    from difflab.t2i.train import to_model_size, train_vae, vae_loss
+    from difflab.t2i.vae import to_model_size, train_vae, vae_loss
     from difflab.t2i.model import build_vae
 
     data = tiny_data(n=8)

@@ -382,12 +382,13 @@ def _course_concept(path: Path, key: str, entry: Any, need: str) -> Concept:
         if name not in entry:
             raise ValueError(f"{where} has no {name!r} (missing key {name!r} of the course format)")
     token = entry.get("token_name", "")
-    if need == "generate" and (not isinstance(token, str) or not token.strip()):
+    if "token_name" in entry and (not isinstance(token, str) or not token.strip()):
         raise ValueError(f"{where}: 'token_name' must be a non-empty string, got {token!r}")
-    prompts = _string_list(entry["prompt"], where, "prompt") if need == "generate" else ()
+    prompts = _string_list(entry["prompt"], where, "prompt") if "prompt" in entry else ()
     eval_prompts, pairs = (), ()
-    if need == "score":
+    if "prompt_4_clip_eval" in entry:
         eval_prompts = _string_list(entry["prompt_4_clip_eval"], where, "prompt_4_clip_eval")
+    if "baseline" in entry:
         base = entry["baseline"]
         if not isinstance(base, list) or len(base) != len(eval_prompts):
             raise ValueError(f"{where}: 'baseline' must hold one [image, text] pair per prompt ({len(eval_prompts)}), got {base!r}")
@@ -414,3 +415,30 @@ def read_course_json(path: PathLike, need: str = "generate") -> list[Concept]:
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a non-empty object of concepts, got {type(data).__name__}")
     return [_course_concept(path, str(key), entry, need) for key, entry in data.items()]
+
+
+# ------------------------------------------------------------------ local model folders
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+
+
+def resolve_model_path(spec: PathLike, what: str, how_to_get: str) -> Path:
+    """A model given as a local path or as a Hugging Face id (``owner/name``) that is
+    already in the local Hugging Face cache (``$HF_HOME``/``$HF_HUB_CACHE``); nothing is
+    downloaded. Neither: ``FileNotFoundError`` naming ``what`` and ``how_to_get``."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    text = str(spec)
+    if _looks_like_hub_id(text):
+        try:
+            from huggingface_hub import snapshot_download
+
+            cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at huggingface_hub's import
+            return Path(snapshot_download(repo_id=text, local_files_only=True, cache_dir=cache))
+        except Exception:  # not cached (LocalEntryNotFoundError), or no huggingface_hub
+            raise FileNotFoundError(
+                f"{what} {text!r} is neither a local path nor in the local Hugging Face cache; {how_to_get}"
+            ) from None
+    raise FileNotFoundError(f"{what} not found: {path}; {how_to_get}")

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from difflab.devices import resolve_device
-from difflab.io import PathLike, open_rgb
+from difflab.io import PathLike, open_rgb, resolve_model_path
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -31,16 +31,18 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+CLIP_HOW_TO_GET = (
+    "expected a local Hugging Face folder such as a downloaded openai/clip-vit-base-patch32 (config.json, "
+    "model.safetensors, preprocessor_config.json, tokenizer files): `hf download openai/clip-vit-base-patch32`, "
+    "then pass that id or its folder; see docs/weights.md"
+)
 
 
 def check_clip_folder(path: PathLike) -> Path:
     """Raise a clear error naming ``path`` unless it holds a complete CLIP model folder."""
-    path = Path(path)
+    path = resolve_model_path(path, "CLIP folder", CLIP_HOW_TO_GET)
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"CLIP folder not found: {path}: expected a local Hugging Face folder such as a downloaded "
-            "openai/clip-vit-base-patch32 (config.json, model.safetensors, preprocessor_config.json, tokenizer files)"
-        )
+        raise FileNotFoundError(f"CLIP folder not found: {path} is a file; {CLIP_HOW_TO_GET}")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")

@@ -33,6 +33,10 @@ from difflab.schedule import ddpm_loss
 from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file, save_embedding
 from difflab.sd.load import DTYPES, UNetDenoiser, load_sd
 from difflab.sd.sample import sample_images
+from difflab.training import Loop, make_accelerator, run_loop
+
+CHECK_SIZE = 8  # concept images are decoded this small before training, only to fail early on a bad one
+VALIDATION_SEED_STRIDE = 1000  # validation image k uses seed * VALIDATION_SEED_STRIDE + k
 
 
 # ------------------------------------------------------------------------ concept images
@@ -133,91 +137,73 @@ def _load_state(path: PathLike, token: str, shape: Tuple[int, ...]):
     return tensors, int(meta["step"])
 
 
-def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
-    """Learn ``cfg.token``'s embedding from the images in ``cfg.concept_dir``.
-
-    Writes ``cfg.out`` ({token: [n, d]}), the resume state beside it, snapshots
-    ``NAME-stepNNNNNN.safetensors`` every ``save_every`` steps, and validation grids in
-    ``NAME-validation/`` every ``validation_every`` steps when a prompt is given.
-    ``sd`` may pass an already loaded model (tests); otherwise ``cfg.sd`` is loaded.
-    """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
+def _read_inputs(cfg: TrainConfig) -> tuple[List[Path], List[Tuple[str, ...]], Dict[str, str], Dict[str, Tensor]]:
+    """Check everything ``cfg`` names before a model is loaded: (concept images, each
+    image's templates, metadata for the embedding file, other concepts' embeddings)."""
     cfg.validate()
-    files = list_concept_images(cfg.concept_dir)  # fail before loading anything big
+    files = list_concept_images(cfg.concept_dir)
     for f in files:
-        load_concept_image(f, 8)
+        load_concept_image(f, CHECK_SIZE)
     templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
     own = read_caption_files(files)
-    captions = [own.get(f, templates) for f in files]
     others: Dict[str, Tensor] = {}
     for f in cfg.embeddings:
         others.update(read_embedding_file(f))
     if cfg.token in others:
         raise ValueError(f"token {cfg.token!r} is being trained; do not also load it with --embeddings")
+    meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors),
+            "seed": str(cfg.seed), "flip_p": str(cfg.flip_p)}
+    if cfg.templates:
+        meta["templates"] = "\n".join(templates)
+    if own:
+        meta["captions"] = json.dumps({f.name: list(c) for f, c in own.items()})
+    return files, [own.get(f, templates) for f in files], meta, others
 
-    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-    weight_dtype = DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
-    if sd is None:
-        sd = load_sd(cfg.sd, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir)
-    device = accelerator.device
+
+def _add_concepts(sd, cfg: TrainConfig, others: Dict[str, Tensor], device, weight_dtype) -> torch.nn.Parameter:
+    """Freeze ``sd`` on ``device`` and splice in the frozen ``others`` and the trainable
+    rows of ``cfg.token`` (returned)."""
     sd.unet.to(device, weight_dtype)
     sd.vae.to(device, weight_dtype)
     sd.text_encoder.to(device)  # fp32: the new rows are trained in fp32
     for net in (sd.unet, sd.vae, sd.text_encoder):
         net.requires_grad_(False)
-
     for token, vec in others.items():
         add_concept(sd, token, vec, trainable=False)
-    vectors = init_vectors(sd, cfg.init_word, cfg.num_vectors)
-    param = add_concept(sd, cfg.token, vectors, trainable=True)
-    emb = sd.concepts
-    resolution = cfg.resolution or sd.resolution
-    if resolution % sd.vae_downsample:
-        raise ValueError(f"--resolution {resolution} must be a multiple of the VAE downsampling {sd.vae_downsample}")
+    return add_concept(sd, cfg.token, init_vectors(sd, cfg.init_word, cfg.num_vectors), trainable=True)
 
-    # The optimizer gets the new rows and nothing else.
-    optimizer = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
-    start = 0
-    meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors), "seed": str(cfg.seed),
-            "flip_p": str(cfg.flip_p)}
-    if cfg.templates:
-        meta["templates"] = "\n".join(templates)
-    if own:
-        meta["captions"] = json.dumps({f.name: list(c) for f, c in own.items()})
+
+def _resume(cfg: TrainConfig, param: torch.nn.Parameter, optimizer, generator: torch.Generator, device) -> int:
+    """Load ``cfg.resume`` into the embedding, the generator and the optimizer; returns its step."""
+    tensors, start = _load_state(cfg.resume, cfg.token, tuple(param.shape))
+    with torch.no_grad():
+        param.copy_(tensors["embedding"].to(param))
+    generator.set_state(tensors["rng"])
+    adam = {k[len("adam."):]: v for k, v in tensors.items() if k.startswith("adam.")}
+    if adam:
+        state = optimizer.state_dict()
+        adam["step"] = adam["step"].reshape(()) if "step" in adam else torch.tensor(float(start))
+        state["state"] = {0: {k: v.to(device) if k != "step" else v for k, v in adam.items()}}
+        optimizer.load_state_dict(state)
+    if start >= cfg.steps:
+        raise ValueError(f"{cfg.resume} is already at step {start} >= --steps {cfg.steps}")
+    return start
+
+
+def _loss_step(sd, cfg: TrainConfig, accelerator, generator: torch.Generator, captions: List[Tuple[str, ...]],
+               mean: Tensor, std: Tensor):
+    """The loss step: images, mirrors, templates, latents, steps and noise, drawn in that
+    order from ``generator`` (the same draws on any device)."""
+    denoiser = UNetDenoiser(sd.unet)
+    device = accelerator.device
     # One draw per image picks its template: uniform over every image's list, and the
     # same draws as a single template list when no image has a caption file.
     draws = math.lcm(*(len(c) for c in captions))
-    if cfg.resume:
-        tensors, start = _load_state(cfg.resume, cfg.token, tuple(param.shape))
-        with torch.no_grad():
-            param.copy_(tensors["embedding"].to(param))
-        generator.set_state(tensors["rng"])
-        adam = {k[len("adam."):]: v for k, v in tensors.items() if k.startswith("adam.")}
-        if adam:
-            state = optimizer.state_dict()
-            adam["step"] = adam["step"].reshape(()) if "step" in adam else torch.tensor(float(start))
-            state["state"] = {0: {k: v.to(device) if k != "step" else v for k, v in adam.items()}}
-            optimizer.load_state_dict(state)
-    if start >= cfg.steps:
-        raise ValueError(f"{cfg.resume} is already at step {start} >= --steps {cfg.steps}")
 
-    wrapped, optimizer = accelerator.prepare(emb, optimizer)
-    sd.text_encoder.set_input_embeddings(wrapped)
-
-    mean, std = encode_concept_images(sd, files, resolution)
-    denoiser = UNetDenoiser(sd.unet)
-    out = Path(cfg.out)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"ti {cfg.token}",
-               disable=cfg.quiet or not accelerator.is_local_main_process)
-    loss_value = float("nan")
-    for step in bar:
+    def loss_step(step: int):
         sd.text_encoder.train()
         b = cfg.batch_size
-        idx = torch.randint(len(files), (b,), generator=generator)
+        idx = torch.randint(len(captions), (b,), generator=generator)
         flip = (torch.rand((b,), generator=generator) < cfg.flip_p).long()
         which = torch.randint(draws, (b,), generator=generator)
         z_noise = torch.randn((b, *mean.shape[2:]), generator=generator)
@@ -230,20 +216,47 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
             loss = ddpm_loss(denoiser, sd.schedule, z0.to(device), t.to(device), noise.to(device), cond)
         if not torch.isfinite(loss):
             raise ValueError(f"loss became {float(loss)} at step {step}; lower --lr or use --mixed-precision no")
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        done = step + 1
-        if accelerator.is_main_process:
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                vec = param.detach()
-                save_embedding(step_path(out, done) if done != cfg.steps else out, cfg.token, vec, {**meta, "step": str(done)})
-                _save_state(state_path(out), param, optimizer, generator, done, meta)
-            if cfg.validation_prompt and (done % cfg.validation_every == 0 or done == cfg.steps):
-                _validate(sd, cfg, out, done)
-    accelerator.wait_for_everyone()
+        return loss, {}
+
+    return loss_step
+
+
+def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
+    """Learn ``cfg.token``'s embedding from the images in ``cfg.concept_dir``.
+
+    Writes ``cfg.out`` ({token: [n, d]}), the resume state beside it, snapshots
+    ``NAME-stepNNNNNN.safetensors`` every ``save_every`` steps, and validation grids in
+    ``NAME-validation/`` every ``validation_every`` steps when a prompt is given.
+    ``sd`` may pass an already loaded model (tests); otherwise ``cfg.sd`` is loaded.
+    """
+    files, captions, meta, others = _read_inputs(cfg)  # fail before loading anything big
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
+    if sd is None:
+        sd = load_sd(cfg.sd, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir)
+    weight_dtype = DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
+    param = _add_concepts(sd, cfg, others, accelerator.device, weight_dtype)
+    emb = sd.concepts
+    resolution = cfg.resolution or sd.resolution
+    if resolution % sd.vae_downsample:
+        raise ValueError(f"--resolution {resolution} must be a multiple of the VAE downsampling {sd.vae_downsample}")
+
+    # The optimizer gets the new rows and nothing else.
+    optimizer = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
+    start = _resume(cfg, param, optimizer, generator, accelerator.device) if cfg.resume else 0
+    wrapped, optimizer = accelerator.prepare(emb, optimizer)
+    sd.text_encoder.set_input_embeddings(wrapped)
+    mean, std = encode_concept_images(sd, files, resolution)
+    out = Path(cfg.out)
+
+    def save(done: int) -> None:
+        save_embedding(out if done == cfg.steps else step_path(out, done), cfg.token, param.detach(), {**meta, "step": str(done)})
+        _save_state(state_path(out), param, optimizer, generator, done, meta)
+
+    run_loop(Loop(accelerator, optimizer, _loss_step(sd, cfg, accelerator, generator, captions, mean, std),
+                  start=start, end=cfg.steps, checkpoint=save, checkpoint_every=cfg.save_every,
+                  sample=(lambda done: _validate(sd, cfg, out, done)) if cfg.validation_prompt else None,
+                  sample_every=cfg.validation_every, desc=f"ti {cfg.token}", progress=not cfg.quiet))
     sd.text_encoder.set_input_embeddings(emb)
     return out
 
@@ -251,6 +264,6 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
 @torch.no_grad()
 def _validate(sd, cfg: TrainConfig, out: Path, step: int) -> None:
     sd.text_encoder.eval()
-    seeds = [cfg.seed * 1000 + k for k in range(cfg.validation_images)]
+    seeds = [cfg.seed * VALIDATION_SEED_STRIDE + k for k in range(cfg.validation_images)]
     images = sample_images(sd, cfg.validation_prompt, seeds, steps=cfg.validation_steps, guidance=cfg.guidance)
     save_grid(images, out.with_name(f"{out.stem}-validation") / f"step{step:06d}.png", nrow=min(4, len(seeds)))

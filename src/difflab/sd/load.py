@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from difflab.io import PathLike, describe_mismatch, load_torch_state
+from difflab.io import PathLike, describe_mismatch, load_torch_state, resolve_model_path
 from difflab.schedule import NoiseSchedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -33,6 +33,16 @@ NETWORKS = ("unet", "vae", "text_encoder")
 # Hugging Face cache (local_files_only=True never downloads).
 CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 TOKENIZER_ENV = "DIFFLAB_SD_TOKENIZER"
+SD_HOW_TO_GET = (
+    "expected a .ckpt/.safetensors file or a diffusers folder. SD v1.4: the CompVis file "
+    "sd-v1-4.ckpt (`hf download CompVis/stable-diffusion-v-1-4-original sd-v1-4.ckpt`) or the "
+    "diffusers copy (`hf download CompVis/stable-diffusion-v1-4`, then pass that id or its folder); "
+    "see docs/weights.md"
+)
+TOKENIZER_HOW_TO_GET = (
+    "expected a folder with vocab.json and merges.txt, or a cached id such as openai/clip-vit-large-patch14 "
+    "(`hf download openai/clip-vit-large-patch14 vocab.json merges.txt tokenizer_config.json special_tokens_map.json`)"
+)
 
 # CompVis key prefixes of the three networks in a single-file SD v1 checkpoint.
 LDM_PREFIXES = {
@@ -285,7 +295,9 @@ def load_tokenizer(path: Optional[PathLike], near: Optional[Path] = None):
     tried = []
     explicit = path if path is not None else os.environ.get(TOKENIZER_ENV) or None
     if explicit is not None:
-        p = Path(explicit)
+        p = resolve_model_path(explicit, "tokenizer", TOKENIZER_HOW_TO_GET)
+        if _is_tokenizer_dir(p / "tokenizer"):  # a whole SD diffusers copy
+            p = p / "tokenizer"
         if not _is_tokenizer_dir(p):
             raise FileNotFoundError(f"tokenizer folder {p}: expected vocab.json and merges.txt in it")
         return CLIPTokenizer.from_pretrained(str(p), local_files_only=True)
@@ -320,13 +332,11 @@ def load_sd(
     :param tokenizer: a folder with vocab.json + merges.txt (overrides the folder's own).
     :param config_dir: network configs for a single file (default: the carried SD v1 ones).
     """
-    path = Path(path)
+    path = resolve_model_path(path, "Stable Diffusion model", SD_HOW_TO_GET)
     if path.is_dir():
         sd = _load_diffusers_folder(path, tokenizer)
-    elif path.is_file():
-        sd = _load_single_file(path, tokenizer, config_dir)
     else:
-        raise FileNotFoundError(f"Stable Diffusion model not found: {path} (expected a .ckpt/.safetensors file or a diffusers folder)")
+        sd = _load_single_file(path, tokenizer, config_dir)
     vocab_rows = sd.text_encoder.get_input_embeddings().weight.shape[0]
     if len(sd.tokenizer) > vocab_rows:
         raise ValueError(f"{path}: the tokenizer has {len(sd.tokenizer)} tokens but the text encoder only {vocab_rows} embedding rows")
