@@ -4,7 +4,7 @@
     python benchmarks/descriptor_probe.py --variant contrastive    # + NT-Xent over all images, 7s included
     python benchmarks/descriptor_probe.py --variant reconstruction # + decoding the form from the features
 
-Every variant runs stage 1b itself (``difflab.t2i.train.train_descriptor`` at --seed 0:
+Every variant runs stage 1b itself (``difflab.t2i.descriptor.train_descriptor`` at --seed 0:
 the classifier of the nine named digits, never shown a 7); the two others add, through
 its ``aux`` hook, a loss that uses every image without its label. Then, on the last
 4,000 MNIST-M images (never a label of a 7 used in training):
@@ -25,7 +25,10 @@ import torch
 from torch.nn import functional as F
 
 from difflab.data import BalancedDigits
-from difflab.t2i.train import HELD_OUT_DIGIT, DescriptorNet, T2ITrainConfig, _generator, train_descriptor
+from difflab.t2i.captions import HELD_OUT_DIGIT
+from difflab.t2i.config import T2ITrainConfig
+from difflab.t2i.descriptor import DescriptorNet, train_descriptor
+from difflab.t2i.stages import Stage, stage_generator
 
 
 def augment(form: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -48,7 +51,7 @@ class Contrastive(torch.nn.Module):
         self.head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32))
 
     def forward(self, net: DescriptorNet, step: int) -> torch.Tensor:
-        g = _generator(0, 5, step, 0)
+        g = stage_generator(0, Stage.DESCRIPTOR_AUX, step, 0)
         form = net.form(self.data.batch(g, 128)[0])
         z = torch.cat([F.normalize(self.head(net.norm(net.body(augment(form, g)))), dim=1) for _ in range(2)])
         sim = (z @ z.t() / 0.2).fill_diagonal_(-1e4)
@@ -67,7 +70,7 @@ class Reconstruction(torch.nn.Module):
             torch.nn.ConvTranspose2d(64, 32, 4, 2, 1), torch.nn.SiLU(), torch.nn.ConvTranspose2d(32, 1, 4, 2, 1))
 
     def forward(self, net: DescriptorNet, step: int) -> torch.Tensor:
-        form = net.form(self.data.batch(_generator(0, 5, step, 0), 128)[0])
+        form = net.form(self.data.batch(stage_generator(0, Stage.DESCRIPTOR_AUX, step, 0), 128)[0])
         return self.weight * F.mse_loss(self.decoder(net.norm(net.body(form))), form)
 
 

@@ -293,6 +293,24 @@ def name_spread(sd, t: int = 500, n: int = 8, seed: int = 0) -> float:
     return float(eps.std(0).mean())
 
 
+def load_descriptor(run: Path) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The frozen descriptor network of a ``t2i train`` run and the projection of its newest
+    checkpoint (descriptor features -> the text encoder's input-embedding space)."""
+    from difflab.io import load_tensors
+    from difflab.t2i.descriptor import read_descriptor_net
+    from difflab.training import latest_checkpoint
+
+    run = Path(run)
+    net = read_descriptor_net(run / "descriptor" / "descriptor.safetensors")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no checkpoint with a descriptor projection")
+    w = load_tensors(ckpt / "projection_raw.safetensors")
+    proj = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
+    proj.load_state_dict(w)
+    return net, proj.eval()
+
+
 @torch.no_grad()
 def descriptor_embedding(run: Path, images: Path, token: str, out: Path) -> torch.Tensor:
     """The oracle of a run trained with ``--p-descriptor``: the mean projected descriptor
@@ -301,7 +319,6 @@ def descriptor_embedding(run: Path, images: Path, token: str, out: Path) -> torc
     the question left is whether textual inversion finds the vector."""
     from difflab.personalize.textual_inversion import list_concept_images, load_concept_image
     from difflab.sd.concepts import save_embedding
-    from difflab.t2i.train import load_descriptor
 
     net, projection = load_descriptor(run)
     files = list_concept_images(images)

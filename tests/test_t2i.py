@@ -411,8 +411,9 @@ def test_text_time_embedding_reaches_the_resnet_blocks():
 
 def test_text_time_embedding_option(tmp_path, monkeypatch):
     """A run with --text-time-embedding --time-scale-shift (the defaults) trains, exports and
-    loads through the SD loader with those UNet settings; configs written before the options
-    existed load with both off; the CLI flags reach the config."""
+    loads through the SD loader with those UNet settings; a config that leaves the options
+    out gets today's defaults (issue 19: it used to get the old UNet layout silently); the
+    CLI flags reach the config."""
     from dataclasses import replace
 
     from difflab.cli import main
@@ -420,9 +421,10 @@ def test_text_time_embedding_option(tmp_path, monkeypatch):
 
     old = TINY.to_dict()
     del old["text_time_embedding"], old["time_scale_shift"]
-    legacy = MiniConfig.from_dict(old)
-    assert legacy == replace(TINY, text_time_embedding=False, time_scale_shift=False)
-    assert "addition_embed_type" not in legacy.unet_kwargs() and "resnet_time_scale_shift" not in legacy.unet_kwargs()
+    partial = MiniConfig.from_dict(old)
+    assert partial == replace(TINY, text_time_embedding=MiniConfig().text_time_embedding,
+                              time_scale_shift=MiniConfig().time_scale_shift)
+    assert MiniConfig.from_dict({}) == MiniConfig()
     assert MiniConfig.from_dict(TINY.to_dict()) == TINY
 
     cfg = replace(TINY, text_time_embedding=True, time_scale_shift=True)

@@ -22,13 +22,18 @@ class MnistmClassifier(nn.Module):
         self.fc2 = nn.Linear(128, 64)
         self.fc3 = nn.Linear(64, 10)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """:param x: [B, 3, 28, 28] in [0, 1]; returns [B, 10] logits."""
+    num_features = 64
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        """The penultimate layer: [B, 3, 28, 28] in [0, 1] -> [B, 64] (after fc2's ReLU)."""
         x = (x - 0.5) / 0.5
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.flatten(1)
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        return F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """:param x: [B, 3, 28, 28] in [0, 1]; returns [B, 10] logits."""
+        return self.fc3(self.penultimate(x))
 
 
 def _svhn_block(cin: int, cout: int) -> nn.Sequential:
@@ -50,9 +55,16 @@ class SvhnClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """:param x: [B, 3, H, W] in [0, 1] (28x28 is resized to 32x32 bilinearly); returns logits."""
+    num_features = 256
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        """The penultimate layer: [B, 3, H, W] in [0, 1] -> [B, 256] (after the first
+        Linear's ReLU; dropout is inactive in eval mode)."""
         if x.shape[-2:] != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier[:3](self.features(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """:param x: [B, 3, H, W] in [0, 1] (28x28 is resized to 32x32 bilinearly); returns logits."""
+        return self.classifier[3:](self.penultimate(x))
