@@ -14,6 +14,7 @@ images of equal size: what a perfect generator would score with this many images
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -79,7 +80,9 @@ def fidelity(features: PenultimateFeatures, real: Tensor, fake: Tensor, *, k: in
     if n < 2:
         raise ValueError(f"fidelity needs at least 2 images per set, got {len(real)} real and {len(fake)} generated")
     fid = FrechetInceptionDistance(feature=features, normalize=True)
-    kid = KernelInceptionDistance(feature=features, normalize=True, subsets=kid_subsets, subset_size=min(n, 100))
+    with warnings.catch_warnings():  # it keeps every feature: a few hundred rows of <= 256 here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=features, normalize=True, subsets=kid_subsets, subset_size=min(n, 100))
     for images, is_real in ((real, True), (fake, False)):
         for chunk in images.split(batch_size):
             fid.update(chunk, real=is_real)

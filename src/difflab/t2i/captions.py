@@ -18,7 +18,7 @@ classifier-free guidance, the prompt SD samplers use for it).
 Optionally (``p_descriptor``) the name slot holds the pseudo-word ``*`` instead:
 "a photo of the digit * ...". Training replaces the input embedding of ``*`` by a
 learned projection of an image descriptor, a vector computed from the image itself by
-a small frozen network (:class:`difflab.t2i.train.DescriptorNet`). No label enters that
+a small frozen network (:class:`difflab.t2i.descriptor.DescriptorNet`). No label enters that
 caption, so it is drawn for every digit, 7 included: the text encoder's name slot
 learns to carry what an image looks like, as a large model's text space does, while
 the word for 7 stays unseen.
