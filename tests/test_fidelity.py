@@ -74,5 +74,7 @@ def test_reference_and_floor_are_balanced_and_disjoint():
         def penultimate(self, x):
             return x.flatten(1)
 
-    ref, floor = reference_and_floor(PenultimateFeatures(Pixels()), data, 2)
+    feats = PenultimateFeatures(Pixels())
+    ref, floor = reference_and_floor(feats, data, 2)
     assert ref.shape == (20, 3, 28, 28) and floor.n_real == floor.n_generated == 20
+    assert float(feats(ref).pow(2).mean()) == pytest.approx(1.0)  # calibrated on the reference

@@ -25,16 +25,28 @@ from difflab.data import DigitSet
 
 
 class PenultimateFeatures(nn.Module):
-    """A digit classifier as a feature network: [N, 3, H, W] in [0, 1] -> [N, d] float64."""
+    """A digit classifier as a feature network: [N, 3, H, W] in [0, 1] -> [N, d] float64,
+    times ``scale`` (1 until ``calibrate``)."""
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = int(classifier.num_features)
+        self.scale = 1.0
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier.penultimate(x.float()).double()
+        return self.classifier.penultimate(x.float()).double() * self.scale
+
+    @torch.no_grad()
+    def calibrate(self, real: Tensor, batch_size: int = 500) -> None:
+        """Scale features so that ``real``'s have mean square 1 per dimension. The raw ReLU
+        features of the two classifiers differ in scale by orders of magnitude, and KID's
+        cubic kernel (x.y / d + 1)^3 is only informative at unit scale; FD is then in
+        units of the real features' variance."""
+        self.scale = 1.0
+        f = torch.cat([self(c) for c in real.split(batch_size)])
+        self.scale = float(f.pow(2).mean().rsqrt())
 
 
 @dataclass
@@ -123,7 +135,9 @@ def balanced_real(data: DigitSet, per_class: int, seed: int, exclude: np.ndarray
 
 def reference_and_floor(features: PenultimateFeatures, data: DigitSet, per_class: int, seed: int = 0) -> tuple[Tensor, Fidelity]:
     """A balanced real reference set, and the floor: another, disjoint balanced real set of
-    the same size scored against it (what a perfect generator would score)."""
+    the same size scored against it (what a perfect generator would score). ``features``
+    is calibrated on the reference."""
     ref, used = balanced_real(data, per_class, seed)
     other, _ = balanced_real(data, per_class, seed + 1, exclude=used)
+    features.calibrate(ref)
     return ref, fidelity(features, ref, other, seed=seed)
