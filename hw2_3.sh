@@ -7,7 +7,14 @@ if [ "$#" -lt 2 ] || [ "$#" -gt 3 ]; then
     echo "usage: bash hw2_3.sh INPUT_JSON OUT_DIR [SD_CKPT]" >&2
     exit 2
 fi
+# `difflab` when installed; otherwise the package beside this script.
+run_difflab() {
+    if command -v difflab >/dev/null 2>&1; then
+        exec difflab "$@"
+    fi
+    PYTHONPATH="$(dirname "$0")/src${PYTHONPATH:+:$PYTHONPATH}" exec python3 -m difflab "$@"
+}
 if [ "$#" -eq 3 ]; then
-    exec difflab ti generate --json "$1" --out "$2" --sd "$3"
+    run_difflab ti generate --json "$1" --out "$2" --sd "$3"
 fi
-exec difflab ti generate --json "$1" --out "$2"
+run_difflab ti generate --json "$1" --out "$2"

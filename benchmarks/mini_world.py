@@ -211,7 +211,7 @@ def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, gu
                 continue
             prompt = caption(d, dataset, named=True)
             seeds = [image_seed(seed, prompt, 0, i) for i in range(images)]
-            r_digit, r_svhn, _ = rates(sample_images(sd, prompt, seeds, steps=steps, guidance=guidance), d, domain_net, digit_nets)
+            r_digit, r_svhn, _ = rates(sample_images(sd, prompt, seeds, steps=steps, guidance_scale=guidance), d, domain_net, digit_nets)
             hits, svhn, n = hits + r_digit * images, svhn + r_svhn * images, n + images
         out[form] = (hits / n, svhn / n)
     return out
@@ -257,7 +257,7 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
             for name, prompt, digit in prompts:
                 t = time.time()
                 imgs = sample_images(sd, prompt, [image_seed(seed, name, 0, i) for i in range(images)], steps=steps,
-                                     guidance=guidance)
+                                     guidance_scale=guidance)
                 r_digit, r_svhn, preds = rates(imgs, digit, domain_net, digit_nets)
                 rows.append(dict(seed=seed, embedding=label, case=name, prompt=prompt, digit=digit, rate_digit=r_digit,
                                  rate_svhn=r_svhn, predictions=preds, seconds=time.time() - t))

@@ -262,8 +262,8 @@ def test_spec_and_folder_errors(tmp_path):
 def test_cli_score(tmp_path, clip_dir, monkeypatch, capsys):
     js, croot, groot = make_case(tmp_path, {("0", 0): 6, ("0", 1): 5}, {"0": 2})
     out = tmp_path / "scores.json"
-    rc = run_cli(monkeypatch, ["clip", "score", "--json", str(js), "--input-dir", str(croot), "--output-dir", str(groot),
-                               "--clip", str(clip_dir), "--device", "cpu", "--json-out", str(out), "--quiet"])
+    rc = run_cli(monkeypatch, ["clip", "score", "--json", str(js), "--concepts", str(croot), "--images", str(groot),
+                               "--clip", str(clip_dir), "--device", "cpu", "--out", str(out), "--quiet"])
     cap = capsys.readouterr()
     assert rc == 0
     assert "expected 25 images, found 6" in cap.err and "expected 25 images, found 5" in cap.err
@@ -279,7 +279,7 @@ def test_cli_score(tmp_path, clip_dir, monkeypatch, capsys):
     assert case["mean_image"] == pytest.approx(sum(i["image"] for i in top) / 5)
     assert "*" in cap.out and "top-5 mean" in cap.out
     # a missing reference folder fails before CLIP is loaded, with exit code 2
-    rc = run_cli(monkeypatch, ["clip", "score", "--json", str(js), "--input-dir", str(tmp_path), "--output-dir", str(groot),
+    rc = run_cli(monkeypatch, ["clip", "score", "--json", str(js), "--input_dir", str(tmp_path), "--output_dir", str(groot),
                                "--clip", str(tmp_path / "no-clip")])
     assert rc == 2 and str(tmp_path / "0") in capsys.readouterr().err
 
@@ -389,10 +389,11 @@ def test_templates_module_is_data_only():
 
 def test_cli_zeroshot_with_cases(tmp_path, clip_dir, monkeypatch, capsys):
     val, id2 = make_val(tmp_path, NAMES)
-    cases, preds = tmp_path / "cases", tmp_path / "pred.json"
+    cases = tmp_path / "cases"
+    preds = cases / "predictions.json"
     rc = run_cli(monkeypatch, ["clip", "zeroshot", "--val", str(val), "--id2label", str(id2), "--clip", str(clip_dir),
-                               "--templates", "cifar100", "--cases", "2", "--cases-dir", str(cases),
-                               "--json-out", str(preds), "--quiet", "--batch-size", "7"])
+                               "--templates", "cifar100", "--cases", "2", "--out", str(cases),
+                               "--quiet", "--batch-size", "7"])
     out = capsys.readouterr().out
     assert rc == 0
     assert 'prompt "A photo of {object}."' in out and "ensemble of 18 templates (cifar100)" in out

@@ -181,10 +181,10 @@ def test_course_plan_names():
 
 def test_generation_is_byte_identical_and_batch_independent(tiny_model_dir, tmp_path):
     net, schedule, _ = load_digit_model(tiny_model_dir)
-    cfg = SampleConfig(steps=3, guidance=2.0, batch_size=40, seed=11)
+    cfg = SampleConfig(steps=3, guidance_scale=3.0, batch_size=40, seed=11)
     generate_course_set(net, schedule, tmp_path / "a", cfg, per_class=2, progress=False)
     generate_course_set(net, schedule, tmp_path / "b", cfg, per_class=2, progress=False)
-    cfg_other_batch = SampleConfig(steps=3, guidance=2.0, batch_size=7, seed=11)
+    cfg_other_batch = SampleConfig(steps=3, guidance_scale=3.0, batch_size=7, seed=11)
     generate_course_set(net, schedule, tmp_path / "c", cfg_other_batch, per_class=2, progress=False)
     da, db = _digest(tmp_path / "a"), _digest(tmp_path / "b")
     assert len(da) == 40 and "mnistm/0_001.png" in da and "svhn/9_002.png" in da
@@ -194,7 +194,7 @@ def test_generation_is_byte_identical_and_batch_independent(tiny_model_dir, tmp_
         x = np.asarray(Image.open(tmp_path / "a" / name), dtype=int)
         y = np.asarray(Image.open(tmp_path / "c" / name), dtype=int)
         assert x.shape == (28, 28, 3) and np.abs(x - y).max() <= 1
-    generate_course_set(net, schedule, tmp_path / "d", SampleConfig(steps=3, guidance=2.0, batch_size=40, seed=12),
+    generate_course_set(net, schedule, tmp_path / "d", SampleConfig(steps=3, guidance_scale=3.0, batch_size=40, seed=12),
                         per_class=2, progress=False)
     assert _digest(tmp_path / "d") != da
 
@@ -205,7 +205,7 @@ def test_ddpm_sampler_and_guide_modes_run(tiny_model_dir):
     net, schedule, _ = load_digit_model(tiny_model_dir)
     noise = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     d, s = torch.tensor([1, 2]), torch.tensor([0, 1])
-    outs = {m: sample_digits(net, schedule, d, s, noise, SampleConfig(steps=2, guidance=3.0, guide_on=m)) for m in ("both", "digit", "dataset")}
+    outs = {m: sample_digits(net, schedule, d, s, noise, SampleConfig(steps=2, guidance_scale=4.0, guide_on=m)) for m in ("both", "digit", "dataset")}
     assert not torch.allclose(outs["both"], outs["digit"]) and not torch.allclose(outs["digit"], outs["dataset"])
     with pytest.raises(ValueError, match="guide_on"):
         sample_digits(net, schedule, d, s, noise, SampleConfig(guide_on="none"))
@@ -238,7 +238,7 @@ def test_reverse_process_ends_on_the_generated_zero(tiny_model_dir):
     from difflab.digits.generate import generate_images
 
     net, schedule, _ = load_digit_model(tiny_model_dir)
-    cfg = SampleConfig(steps=5, guidance=1.0, seed=4)
+    cfg = SampleConfig(steps=5, guidance_scale=2.0, seed=4)
     strip = reverse_process(net, schedule, 1, cfg)
     digits, datasets, _ = course_plan(50)
     # The last tile is the same image the course set writes as svhn/0_001.png.

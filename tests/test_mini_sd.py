@@ -65,7 +65,7 @@ def test_shipped_mini_model_draws_the_digit_it_is_asked_for():
     hits = 0
     for d in digits:
         imgs = sample_images(sd, f"a photo of the digit {DIGIT_NAMES[d]} on a textured background", [0, 1, 2, 3],
-                             steps=20, guidance=7.5)
+                             steps=20, guidance_scale=7.5)
         x = torch.nn.functional.interpolate(imgs, size=(28, 28), mode="bilinear", antialias=True).clamp(0, 1)
         with torch.no_grad():
             hits += int((grader(x).argmax(1) == d).sum())

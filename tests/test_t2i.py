@@ -233,7 +233,7 @@ def test_training_writes_a_loadable_sd_folder(trained):
     got = {k: v.float() for k, v in sd.unet.state_dict().items()}
     assert set(got) == set(ema)
     assert all(torch.allclose(got[k], ema[k].half().float()) for k in ema)
-    img = sample_images(sd, "a photo of the digit three", [0, 1], steps=3, guidance=2.0)
+    img = sample_images(sd, "a photo of the digit three", [0, 1], steps=3, guidance_scale=2.0)
     assert img.shape == (2, 3, 32, 32) and 0 <= float(img.min()) and float(img.max()) <= 1
 
 
@@ -353,7 +353,7 @@ def test_cli_bad_input_names_the_problem_and_writes_nothing(tmp_path, capsys):
     assert main(["t2i", "train", "--data", str(tmp_path / "nope"), "--out", str(out), "--quiet"]) == 2
     assert "digit data folder not found" in capsys.readouterr().err and not out.exists()
     assert main(["t2i", "train", "--data", str(tmp_path), "--out", str(out), "--p-empty", "1.5", "--quiet"]) == 2
-    assert "p_empty must be in [0, 1]" in capsys.readouterr().err and not out.exists()
+    assert "--p-empty must be in [0, 1]" in capsys.readouterr().err and not out.exists()
     assert main(["t2i", "train", "--data", str(tmp_path), "--out", str(out), "--attention-levels", "5", "--quiet"]) == 2
     assert "attention_levels" in capsys.readouterr().err and not out.exists()
 

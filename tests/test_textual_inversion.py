@@ -1,4 +1,6 @@
 """Textual inversion on a tiny random SD-format model: only the new rows learn."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -127,11 +129,13 @@ def test_resume_continues_exactly(model_dir, concept_dir, tmp_path):
     ti.train_textual_inversion(cfg_for(model_dir, concept_dir, split, steps=2), sd=load_sd(model_dir))
     state = ti.state_path(split)
     assert state.is_file()
-    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, split, steps=4, resume=str(state)), sd=load_sd(model_dir))
+    ti.train_textual_inversion(cfg_for(model_dir, concept_dir, split, steps=4, resume=True), sd=load_sd(model_dir))
     a, b = concepts.read_embedding_file(straight)["<new1>"], concepts.read_embedding_file(split)["<new1>"]
     assert torch.equal(a, b)
+    other = tmp_path / "c.safetensors"
+    shutil.copyfile(state, ti.state_path(other))  # --resume reads the state beside --out
     with pytest.raises(ValueError, match="holds token '<new1>'"):
-        ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "c.safetensors", token="<x>", resume=str(state)), sd=load_sd(model_dir))
+        ti.train_textual_inversion(cfg_for(model_dir, concept_dir, other, token="<x>", resume=True), sd=load_sd(model_dir))
 
 
 def test_snapshots_and_validation_images(model_dir, concept_dir, tmp_path):
@@ -170,7 +174,7 @@ def test_bad_inputs_fail_before_writing(model_dir, tmp_path):
         ti.train_textual_inversion(cfg_for(model_dir, ok, out, token="dog"))
     with pytest.raises(ValueError, match="--num-vectors"):
         ti.train_textual_inversion(cfg_for(model_dir, ok, out, init_word="photo of"))
-    with pytest.raises(ValueError, match="--property"):
+    with pytest.raises(ValueError, match="property must be one of"):
         ti.train_textual_inversion(cfg_for(model_dir, ok, out, property="texture"))
     assert not out.exists()
 
@@ -242,7 +246,7 @@ def test_flip_p_mirrors_the_training_images(model_dir, concept_dir, tmp_path):
 
     with safe_open(str(tmp_path / "never.safetensors"), framework="pt") as h:
         assert h.metadata()["flip_p"] == "0.0"
-    with pytest.raises(ValueError, match=r"--flip-p must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"flip_p must be in \[0, 1\], got 1.5"):
         ti.train_textual_inversion(cfg_for(model_dir, concept_dir, tmp_path / "bad.safetensors", flip_p=1.5))
     assert not (tmp_path / "bad.safetensors").exists()
 

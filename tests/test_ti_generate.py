@@ -97,7 +97,7 @@ def test_ddim_matches_diffusers_scheduler(setup):
     _, model = setup
     sd = load_sd(model)
     seeds, steps, s = [11, 12], 5, 7.5
-    ours = sample.sample_latents(sd, "a photo of a cat", seeds, steps=steps, guidance=s)
+    ours = sample.sample_latents(sd, "a photo of a cat", seeds, steps=steps, guidance_scale=s)
 
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")

@@ -1,15 +1,20 @@
 """The ``difflab`` command: argparse front door.
 
-Each problem package has a ``commands`` module with ``register(subparsers)`` that adds
-its group (``difflab digits ...``); handlers import heavy libraries lazily so that
-``--help`` stays fast. Library code never imports this module.
+Each problem package has a ``commands`` module with ``NAME``, ``HELP`` and
+``register(subparsers)``, which adds its group (``difflab digits ...``) with options
+built from its configs (:mod:`difflab.options`). Only the group named on the command
+line is registered in full: the others appear with their one-line help, so that
+``difflab --help`` imports no torch. Library code never imports this module.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
+
+from difflab import __version__
+from difflab.options import Threads, config_from_args
 
 # (group module) in the order they appear in --help.
 GROUPS = [
@@ -20,27 +25,57 @@ GROUPS = [
     "difflab.t2i.commands",
 ]
 
+# The library's expected failures: bad input, missing or unwritable files. A KeyError
+# or any other exception is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(groups: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``groups`` (group names), only those groups get their
+    commands and options, the others only their name and help."""
     parser = argparse.ArgumentParser(
-        prog="difflab",
+        prog="difflab", allow_abbrev=False,
         description="Diffusion-model toolkit: digit DDPM/DDIM (digits), the course face UNet (faces), "
         "textual inversion on Stable Diffusion (ti), CLIP scoring (clip), a mini SD-format model on digits (t2i).",
     )
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    wanted = None if groups is None else set(groups)
     for name in GROUPS:
-        importlib.import_module(name).register(sub)
+        module = importlib.import_module(name)
+        if wanted is None or module.NAME in wanted:
+            module.register(sub)
+        else:
+            sub.add_parser(module.NAME, help=module.HELP)
     return parser
 
 
+def _named_group(argv: Sequence[str]) -> List[str]:
+    """The group named on the command line (the first word that is not an option)."""
+    return [a for a in argv if not a.startswith("-")][:1]
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if "threads" in vars(args):
+        threads = config_from_args(Threads, args).threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_named_group(argv)).parse_args(argv)
     try:
+        _set_threads(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"difflab: error: {msg}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"difflab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)

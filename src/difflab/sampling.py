@@ -422,3 +422,36 @@ def _unic(coeffs: list[tuple[float, float, float]], i: int, x_start: Tensor, ms:
     rho_2 = b1 - rho_1
     d1 = (ms[-2] - ms[-1]) / r
     return x_lin - (alpha_t * b_h) * (rho_1 * d1 + rho_2 * d_t)
+
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp-2m", "unipc")
+
+
+def run_sampler(
+    name: str,
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    timesteps: Union[Tensor, Sequence[int]],
+    cond: Any = None,
+    *,
+    eta: float = 0.0,
+    last_prev: int = -1,
+    **kwargs: Any,
+) -> Tensor:
+    """The sampler called ``name`` (one of ``SAMPLERS``) with the common arguments.
+
+    ``ddpm`` runs all T ancestral steps and ignores ``timesteps`` and ``last_prev``;
+    ``eta`` is DDIM's (the ODE solvers take none, and refuse a non-zero one).
+    ``kwargs``: ``clip_x0``, ``threshold``, ``generator``, ``callback``, ``progress``.
+    """
+    if name == "ddpm":
+        return ddpm_sample(denoiser, schedule, x_T, cond, **kwargs)
+    if name == "ddim":
+        return ddim_sample(denoiser, schedule, x_T, timesteps, cond, eta=eta, last_prev=last_prev, **kwargs)
+    solvers = {"dpmpp-2m": dpmpp_2m_sample, "unipc": unipc_sample}
+    if name not in solvers:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    if eta:
+        raise ValueError(f"eta {eta!r} is DDIM's; the {name} solver is deterministic (eta must be 0)")
+    return solvers[name](denoiser, schedule, x_T, timesteps, cond, last_prev=last_prev, **kwargs)

@@ -1,72 +1,61 @@
-"""Options of the digit commands: training (``TrainConfig``) and sampling (``SampleConfig``)."""
+"""Options of the digit commands: training (``TrainConfig``) and sampling (``SampleConfig``).
+
+Each field carries its help and range (:func:`difflab.options.option`); the command
+line is built from these fields.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 from difflab.nets.digit_unet import DigitUNetConfig
+from difflab.options import Config, device_option, guidance_scale_option, mixed_precision_option, option, seed_option
+from difflab.sampling import SAMPLERS
 
 GUIDE_ON = ("both", "digit", "dataset")
+SCHEDULES = ("linear", "cosine")
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 20000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 500
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    p_uncond_digit: float = 0.1
-    p_uncond_dataset: float = 0.1
-    min_snr_gamma: float = 0.0   # >0: Min-SNR-gamma loss weighting (Hang et al. 2023); 0: plain loss
-    schedule: str = "linear"
-    num_train_steps: int = 1000
-    seed: int = 0
-    sample_every: int = 1000
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
-    mixed_precision: str = "no"
-    device: str = "auto"
+class TrainConfig(Config):
+    steps: int = option(20000, "total optimisation steps", minimum=1)
+    batch_size: int = option(128, "images per step (per process)", minimum=1)
+    lr: float = option(1e-3, "peak AdamW learning rate (linear warm-up, then cosine decay)", above=0.0)
+    warmup: int = option(500, "linear warm-up steps", minimum=0)
+    min_lr_ratio: float = option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    ema_decay: float = option(0.999, "EMA decay of the saved weights", minimum=0.0, maximum=1.0)
+    p_uncond_digit: float = option(0.1, "probability of dropping the digit label", minimum=0.0, maximum=1.0)
+    p_uncond_dataset: float = option(0.1, "probability of dropping the dataset label", minimum=0.0, maximum=1.0)
+    min_snr_gamma: float = option(0.0, "weight each step's loss by min(SNR, gamma)/SNR (Min-SNR, Hang et al. 2023); "
+                                  "0: the plain DDPM loss", minimum=0.0)
+    schedule: str = option("linear", "noise schedule (linear: the course's betas)", choices=SCHEDULES)
+    num_train_steps: int = option(1000, "diffusion steps T of the noise schedule", minimum=1)
+    seed: int = seed_option()
+    sample_every: int = option(1000, "write a sample grid every N steps (0: never)", minimum=0)
+    ckpt_every: int = option(1000, "checkpoint every N steps (0: only at the end)", minimum=0)
+    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", minimum=0)
+    mixed_precision: str = mixed_precision_option()
+    device: str = device_option(" (several GPUs: `accelerate launch`)")
     model: DigitUNetConfig = field(default_factory=DigitUNetConfig)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        model = DigitUNetConfig.from_dict(d.pop("model", {}))
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(model=model, **d)
-
 
 @dataclass
-class SampleConfig:
-    sampler: str = "ddim"        # ddim | ddpm
-    steps: int = 10              # DDIM steps (ignored by ddpm, which uses all T)
-    guidance: float = 3.0        # w in eps = (1+w) eps_c - w eps_u (chosen by benchmarks/digits.py)
-    guide_on: str = "both"       # which condition the unconditional branch drops
-    eta: float = 0.0
-    clip_x0: Optional[float] = 1.0
-    batch_size: int = 500
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        if self.guide_on not in GUIDE_ON:
-            raise ValueError(f"guide_on must be one of {GUIDE_ON}, got {self.guide_on!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-
-
+class SampleConfig(Config):
+    sampler: str = option("ddim", "ddim, dpmpp-2m (DPM-Solver++(2M)), unipc (UniPC, B(h) = h) or ddpm (all T "
+                          "ancestral steps)", choices=SAMPLERS)
+    steps: int = option(10, "sampling steps, uniform over the T training steps (ddpm uses all T)", minimum=1)
+    # S = 4 (w = 3) was chosen by benchmarks/digits.py.
+    guidance_scale: float = guidance_scale_option(
+        4.0, ". The course writes the same rule with w = S - 1: eps = (1 + w) eps_cond - w eps_uncond, so S 4 is w 3")
+    guidance_interval: Optional[Tuple[int, int]] = option(
+        None, "apply guidance only at training steps t in [LO, HI] and the conditional model alone elsewhere "
+        "(Kynkaanniemi et al. 2024); none: at every step", metavar=("LO", "HI"))
+    guide_on: str = option("both", "which condition the unconditional branch drops", choices=GUIDE_ON)
+    eta: float = option(0.0, "DDIM eta (0: deterministic)", minimum=0.0)
+    clip_x0: Optional[float] = option(1.0, "clip the predicted x0 to [-C, C] at each step (none: no clipping)",
+                                      above=0.0, metavar="C|none")
+    batch_size: int = option(500, "images per forward batch (doubled for guidance)", minimum=1)
+    seed: int = seed_option()
+    device: str = device_option()

@@ -106,7 +106,7 @@ def training_sample_fn(ema_state, train_cfg, path: Path) -> None:
     net.load_state_dict(ema_state)
     net.eval()
     schedule = NoiseSchedule.from_name(train_cfg.schedule, train_cfg.num_train_steps)
-    cfg = SampleConfig(steps=20, guidance=3.0, batch_size=200, seed=0)
+    cfg = SampleConfig(steps=20, guidance_scale=4.0, batch_size=200, seed=0)
     digits = torch.arange(10).repeat_interleave(10).repeat(2)
     datasets = torch.arange(2).repeat_interleave(100)
     x = generate_images(net, schedule, digits, datasets, cfg, progress=False)

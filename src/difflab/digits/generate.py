@@ -17,7 +17,7 @@ from difflab.digits.config import SampleConfig
 from difflab.guidance import guided
 from difflab.io import PathLike, save_png
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
-from difflab.sampling import ddim_sample, ddim_timesteps, ddpm_sample
+from difflab.sampling import ddim_timesteps, run_sampler
 from difflab.schedule import NoiseSchedule
 
 
@@ -50,16 +50,13 @@ def sample_digits(
     """Sample one batch. ``noise`` [B,3,28,28] is x_T; returns images in [-1, 1]."""
     cfg.validate()
     device = next(net.parameters()).device
-    denoiser = guided(DigitDenoiser(net), cfg.guidance, null_condition(cfg.guide_on))
+    denoiser = guided(DigitDenoiser(net), cfg.guidance_scale - 1.0, null_condition(cfg.guide_on),  # w = S - 1
+                      interval=cfg.guidance_interval)
     cond = (digits.to(device), datasets.to(device))
-    x_T = noise.to(device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # per-step noise (ddpm / eta > 0)
-    if cfg.sampler == "ddpm":
-        x = ddpm_sample(denoiser, schedule, x_T, cond, clip_x0=cfg.clip_x0, generator=gen, callback=callback, progress=progress)
-    else:
-        ts = ddim_timesteps(schedule.num_steps, cfg.steps)
-        x = ddim_sample(denoiser, schedule, x_T, ts, cond, eta=cfg.eta, clip_x0=cfg.clip_x0, generator=gen,
-                        callback=callback, progress=progress)
+    ts = ddim_timesteps(schedule.num_steps, cfg.steps)
+    x = run_sampler(cfg.sampler, denoiser, schedule, noise.to(device), ts, cond, eta=cfg.eta, clip_x0=cfg.clip_x0,
+                    generator=gen, callback=callback, progress=progress)
     return x.clamp(-1, 1)
 
 

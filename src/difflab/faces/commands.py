@@ -1,7 +1,28 @@
-"""``difflab faces ...``: Problem 2 commands (generate, mse, eta-grid, interpolate)."""
+"""``difflab faces ...``: Problem 2 commands (generate, mse, eta-grid, interpolate).
+
+The DDIM recipe options come from :class:`difflab.faces.generate.FaceSampling`, whose
+defaults are the recipe that matched the course's ground-truth images.
+"""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from difflab.options import (
+    Config,
+    Threads,
+    add_command,
+    add_group,
+    config_from_args,
+    device_option,
+    option,
+    out_option,
+    quiet_option,
+    seed_option,
+)
+
+NAME = "faces"
+HELP = "Problem 2: DDIM with the course's 256x256 face UNet"
 
 RECIPE_NOTE = (
     "Recipe defaults reproduce the recipe in ../shared/specs/face_unet.md that matched the "
@@ -11,164 +32,127 @@ RECIPE_NOTE = (
 )
 
 
-def _clip(value: str):
-    if value.lower() == "none":
-        return None
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {value!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {value!r}")
-    return v
+@dataclass(kw_only=True)
+class Inputs(Config):
+    noise: str = option(help="folder of noise files *.pt (e.g. hw2_data/face/noise)")
+    unet: str = option(help="the course's UNet.pt (a state dict; read with weights_only=True)")
 
 
-def _add_recipe(p: argparse.ArgumentParser, eta: bool = True) -> None:
-    g = p.add_argument_group("DDIM recipe (defaults = the course ground-truth recipe)")
-    g.add_argument("--steps", type=int, default=50,
-                   help="number of DDIM steps, uniform over T=1000 (default 50: the course's setting)")
-    if eta:
-        g.add_argument("--eta", type=float, default=0.0,
-                       help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise (default 0: the graded images use eta 0)")
-    g.add_argument("--offset", type=int, default=1,
-                   help="step offset: steps are offset + k*stride, so 1 gives 981, ..., 21, 1 "
-                        "(default 1: the grid that matched the ground truth; 0 gives 980, ..., 0)")
-    g.add_argument("--clip-x0", type=_clip, default=1.0, metavar="C|none",
-                   help="clip the predicted x0 to [-C, C] at each step; the direction term keeps the "
-                        "predicted eps ('none' disables; default 1.0: the ground-truth recipe clips to [-1, 1])")
-    g.add_argument("--last-prev", type=int, choices=(0, -1), default=0,
-                   help="where the final step lands: 0 = step t=0 using alpha_bar[0], -1 = the clean "
-                        "image (alpha_bar = 1) (default 0: the ground-truth recipe goes from t=1 to t=0)")
-    g.add_argument("--normalize", choices=("minmax", "clamp"), default="minmax",
-                   help="map each final image to [0, 1]: per-image min-max, or clamp((x+1)/2) "
-                        "(default minmax: the ground-truth images were min-max normalised)")
+@dataclass(kw_only=True)
+class Run(Config):
+    device: str = device_option()
+    seed: int = seed_option()
+    quiet: bool = quiet_option()
 
 
-def _add_run(p: argparse.ArgumentParser, batch: int = 0, why: str = "") -> None:
-    g = p.add_argument_group("execution")
-    if batch:
-        g.add_argument("--batch-size", type=int, default=batch,
-                       help=f"images sampled together (default {batch}: {why})")
-    g.add_argument("--device", default="auto",
-                   help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ... (default auto)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed for the per-step noise when eta > 0 (unused at eta 0, which is deterministic; default 0)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+@dataclass(kw_only=True)
+class GenerateRun(Inputs):
+    out: str = out_option("output folder (created if needed): OUT/<stem>.png per noise file")
+    batch_size: int = option(10, "images sampled together (10: all ten course noises in one batch)", minimum=1)
 
 
-def _recipe(args, eta: float = 0.0):
+@dataclass(kw_only=True)
+class EtaGridRun(Inputs):
+    out: str = out_option("output PNG path")
+    names: tuple[str, ...] = option(("00", "01", "02", "03"), "noise file stems, one column each")
+    etas: tuple[float, ...] = option((), "eta per row (none given: the figure's rows, eta 0, 0.25, 0.5, 0.75, 1)",
+                                     minimum=0.0)
+
+
+@dataclass(kw_only=True)
+class InterpolateRun(Inputs):
+    out: str = out_option("output folder: interpolation.png, slerp.png, lerp.png")
+    pair: tuple[str, str] = option(("00", "01"), "the two noise stems", metavar=("A", "B"))
+    alphas: tuple[float, ...] = option((), "interpolation weights (none given: 0.0, 0.1, ..., 1.0)")
+    batch_size: int = option(11, "images sampled together (11: one row of eleven alphas per batch)", minimum=1)
+
+
+@dataclass(kw_only=True)
+class MseRun(Config):
+    images: str = option(help="folder of generated images", positional=True)
+    gt: str = option(help="folder of ground-truth images (e.g. hw2_data/face/GT)", positional=True)
+    max: float = option(20.0, "fail (exit 1) when the mean MSE is above this (20: the course baseline)", minimum=0.0)
+
+
+def register(subparsers) -> None:
     from difflab.faces.generate import FaceSampling
 
-    return FaceSampling(steps=args.steps, eta=getattr(args, "eta", eta), offset=args.offset,
-                        clip_x0=args.clip_x0, last_prev=args.last_prev, normalize=args.normalize)
+    sub = add_group(subparsers, NAME, HELP, "Problem 2: DDIM with the course's 256x256 face UNet (UNet.pt).")
+    add_command(sub, "generate", _generate, (GenerateRun, FaceSampling, Run, Threads),
+                help="one PNG per noise file (what hw2_2.sh runs)",
+                description="DDIM from every NOISE/*.pt ([1,3,H,W] or [3,H,W]) to OUT/<stem>.png. All inputs are "
+                "checked before sampling; images are written at the end, each atomically. " + RECIPE_NOTE)
+    add_command(sub, "mse", _mse, (MseRun,), help="per-image and mean MSE against ground truth (0-255 RGB)",
+                description="MSE on 0-255 RGB pixels, mean over all pixels and channels, for each ground-truth image "
+                "against the generated image of the same file name; prints each and the mean; exits 1 when the "
+                "mean exceeds --max.")
+    add_command(sub, "eta-grid", _eta_grid, (EtaGridRun, FaceSampling, Run, Threads), skip=("eta",),
+                help="figure: noises as columns, eta values as rows, one PNG",
+                description="One PNG grid: columns are the noises --names, rows the eta values --etas. Each row's "
+                "per-step noise is seeded with --seed. " + RECIPE_NOTE)
+    add_command(sub, "interpolate", _interpolate, (InterpolateRun, FaceSampling, Run, Threads),
+                help="figure: slerp and lerp between two noises",
+                description="DDIM along slerp and lerp paths between two noises; writes OUT/interpolation.png (slerp "
+                "row above lerp row), OUT/slerp.png and OUT/lerp.png, and prints |z|/sqrt(d) for each interpolated "
+                "noise (lerp's shrinks towards alpha 0.5). " + RECIPE_NOTE)
 
 
-def _cmd_generate(args) -> int:
-    from difflab.faces.generate import generate_dir
+def _generate(args: argparse.Namespace) -> int:
+    from difflab.faces.generate import FaceSampling, generate_dir
 
-    recipe = _recipe(args)
-    paths = generate_dir(args.noise, args.out, args.unet, recipe, batch_size=args.batch_size,
-                         device=args.device, seed=args.seed, progress=not args.quiet)
-    print(f"wrote {len(paths)} images to {args.out}")
+    io, recipe, run = config_from_args(GenerateRun, args), config_from_args(FaceSampling, args), config_from_args(Run, args)
+    paths = generate_dir(io.noise, io.out, io.unet, recipe, batch_size=io.batch_size, device=run.device, seed=run.seed,
+                         progress=not run.quiet)
+    print(f"wrote {len(paths)} images to {io.out}")
     return 0
 
 
-def _cmd_mse(args) -> int:
+def _mse(args: argparse.Namespace) -> int:
     from difflab.faces.mse import folder_mse
 
-    scores = folder_mse(args.out, args.gt)
+    run = config_from_args(MseRun, args)
+    scores = folder_mse(run.images, run.gt)
     for name, v in scores.items():
         print(f"{name}\t{v:.4f}")
     mean = sum(scores.values()) / len(scores)
-    verdict = "ok" if mean <= args.max else "FAIL"
-    print(f"mean\t{mean:.4f}\t({len(scores)} images, max {args.max:g}: {verdict})")
-    return 0 if mean <= args.max else 1
+    print(f"mean\t{mean:.4f}\t({len(scores)} images, max {run.max:g}: {'ok' if mean <= run.max else 'FAIL'})")
+    return 0 if mean <= run.max else 1
 
 
-def _load(args, names):
+def _load(inputs: Inputs, names, device: str):
     from difflab.devices import resolve_device
     from difflab.faces.generate import face_denoiser, load_noise_dir
     from difflab.faces.model_io import load_face_unet
 
-    _, noise = load_noise_dir(args.noise, names)
-    dev = resolve_device(args.device)
-    den = face_denoiser(load_face_unet(args.unet), dev)
-    return noise, den, dev
+    _, noise = load_noise_dir(inputs.noise, names)
+    dev = resolve_device(device)
+    return noise, face_denoiser(load_face_unet(inputs.unet), dev), dev
 
 
-def _cmd_eta_grid(args) -> int:
-    from difflab.faces.figures import eta_grid, save_eta_grid
+def _eta_grid(args: argparse.Namespace) -> int:
+    from difflab.faces.figures import DEFAULT_ETAS, eta_grid, save_eta_grid
+    from difflab.faces.generate import FaceSampling
 
-    noise, den, dev = _load(args, args.names)
-    grid = eta_grid(den, noise, args.etas, _recipe(args), seed=args.seed, device=dev, progress=not args.quiet)
-    save_eta_grid(grid, args.out)
-    print(f"wrote {args.out}: rows eta {', '.join(f'{e:g}' for e in args.etas)}; columns {', '.join(args.names)}")
+    io, run = config_from_args(EtaGridRun, args), config_from_args(Run, args)
+    recipe, etas = config_from_args(FaceSampling, args, skip=("eta",)), io.etas or DEFAULT_ETAS
+    noise, den, dev = _load(io, io.names, run.device)
+    save_eta_grid(eta_grid(den, noise, etas, recipe, seed=run.seed, device=dev, progress=not run.quiet), io.out)
+    print(f"wrote {io.out}: rows eta {', '.join(f'{e:g}' for e in etas)}; columns {', '.join(io.names)}")
     return 0
 
 
-def _cmd_interpolate(args) -> int:
-    from difflab.faces.figures import interpolate_noises, interpolation_rows, relative_norms, save_interpolation
+def _interpolate(args: argparse.Namespace) -> int:
+    from difflab.faces.figures import DEFAULT_ALPHAS, interpolate_noises, interpolation_rows, relative_norms, save_interpolation
+    from difflab.faces.generate import FaceSampling
 
-    noise, den, dev = _load(args, args.pair)
+    io, recipe, run = config_from_args(InterpolateRun, args), config_from_args(FaceSampling, args), config_from_args(Run, args)
+    alphas = io.alphas or DEFAULT_ALPHAS
+    noise, den, dev = _load(io, io.pair, run.device)
     z0, z1 = noise[0:1], noise[1:2]
     for method in ("slerp", "lerp"):
-        norms = relative_norms(interpolate_noises(z0, z1, args.alphas, method))
-        print(f"{method} |z|/sqrt(d): " + " ".join(f"{a:g}:{n:.3f}" for a, n in zip(args.alphas, norms)))
-    rows = interpolation_rows(den, z0, z1, args.alphas, _recipe(args), device=dev, batch_size=args.batch_size,
-                              seed=args.seed, progress=not args.quiet)
-    paths = save_interpolation(rows, args.out)
-    print("wrote " + ", ".join(str(p) for p in paths))
+        norms = relative_norms(interpolate_noises(z0, z1, alphas, method))
+        print(f"{method} |z|/sqrt(d): " + " ".join(f"{a:g}:{n:.3f}" for a, n in zip(alphas, norms)))
+    rows = interpolation_rows(den, z0, z1, alphas, recipe, device=dev, batch_size=io.batch_size, seed=run.seed,
+                              progress=not run.quiet)
+    print("wrote " + ", ".join(str(p) for p in save_interpolation(rows, io.out)))
     return 0
-
-
-def register(subparsers) -> None:
-    grp = subparsers.add_parser("faces", help="Problem 2: DDIM with the course's 256x256 face UNet",
-                                description="Problem 2: DDIM with the course's 256x256 face UNet (UNet.pt).")
-    sub = grp.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("generate", help="one PNG per noise file (what hw2_2.sh runs)",
-                       description="DDIM from every NOISE/*.pt ([1,3,H,W] or [3,H,W]) to OUT/<stem>.png. "
-                                   "All inputs are checked before sampling; images are written at the end, "
-                                   "each atomically. " + RECIPE_NOTE)
-    p.add_argument("--noise", required=True, help="folder of noise files *.pt (e.g. hw2_data/face/noise)")
-    p.add_argument("--out", required=True, help="output folder (created if needed)")
-    p.add_argument("--unet", required=True, help="the course's UNet.pt (a state dict; read with weights_only=True)")
-    _add_recipe(p)
-    _add_run(p, 10, "all ten course noises in one batch")
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser("mse", help="per-image and mean MSE against ground truth (0-255 RGB)",
-                       description="MSE on 0-255 RGB pixels, mean over all pixels and channels, for each "
-                                   "ground-truth image against the generated image of the same file name; "
-                                   "prints each and the mean; exits 1 when the mean exceeds --max.")
-    p.add_argument("out", help="folder of generated images")
-    p.add_argument("gt", help="folder of ground-truth images (e.g. hw2_data/face/GT)")
-    p.add_argument("--max", type=float, default=20.0, help="fail (exit 1) when the mean MSE is above this (default 20: the course baseline)")
-    p.set_defaults(func=_cmd_mse)
-
-    p = sub.add_parser("eta-grid", help="figure: noises as columns, eta values as rows, one PNG",
-                       description="One PNG grid: columns are the noises --names, rows the eta values --etas. "
-                                   "Each row's per-step noise is seeded with --seed. " + RECIPE_NOTE)
-    p.add_argument("--noise", required=True, help="folder of noise files *.pt")
-    p.add_argument("--unet", required=True, help="face UNet weights (UNet.pt)")
-    p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--names", nargs="+", default=["00", "01", "02", "03"], help="noise file stems, one column each (default 00 01 02 03)")
-    p.add_argument("--etas", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="eta per row (default 0 0.25 0.5 0.75 1)")
-    _add_recipe(p, eta=False)
-    _add_run(p)
-    p.set_defaults(func=_cmd_eta_grid)
-
-    p = sub.add_parser("interpolate", help="figure: slerp and lerp between two noises",
-                       description="DDIM along slerp and lerp paths between two noises; writes OUT/interpolation.png "
-                                   "(slerp row above lerp row), OUT/slerp.png and OUT/lerp.png, and prints |z|/sqrt(d) "
-                                   "for each interpolated noise (lerp's shrinks towards alpha 0.5). " + RECIPE_NOTE)
-    p.add_argument("--noise", required=True, help="folder of noise files *.pt")
-    p.add_argument("--unet", required=True, help="face UNet weights (UNet.pt)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pair", nargs=2, default=["00", "01"], metavar=("A", "B"), help="the two noise stems (default 00 01)")
-    p.add_argument("--alphas", nargs="+", type=float, default=[round(0.1 * i, 1) for i in range(11)],
-                   help="interpolation weights (default 0.0, 0.1, ..., 1.0)")
-    _add_recipe(p)
-    _add_run(p, 11, "one row of eleven alphas per batch")
-    p.set_defaults(func=_cmd_interpolate)
-

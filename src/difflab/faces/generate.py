@@ -17,6 +17,7 @@ from torch import Tensor
 
 from difflab.devices import resolve_device
 from difflab.io import PathLike, minmax_normalize, save_png
+from difflab.options import Config, option
 from difflab.sampling import Denoiser, ddim_sample, ddim_timesteps
 from difflab.schedule import NoiseSchedule
 
@@ -24,27 +25,28 @@ NORMALIZE = ("minmax", "clamp")
 
 
 @dataclass(frozen=True)
-class FaceSampling:
+class FaceSampling(Config):
     """The DDIM recipe. Defaults reproduce the course's ground truth (see module doc)."""
 
-    steps: int = 50
-    eta: float = 0.0
-    offset: int = 1
-    clip_x0: Optional[float] = 1.0
-    last_prev: int = 0  # 0: last step lands on t=0 (alpha_bar[0]); -1: on the clean image (alpha_bar=1)
-    normalize: str = "minmax"
-    num_train_steps: int = 1000
+    steps: int = option(50, "DDIM steps, uniform over T=1000 (50: the course's setting)", minimum=1)
+    eta: float = option(0.0, "DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise (the graded images use 0)",
+                        minimum=0.0)
+    offset: int = option(1, "step offset: steps are offset + k*stride, so 1 gives 981, ..., 21, 1 (the grid that "
+                         "matched the ground truth) and 0 gives 980, ..., 0", minimum=0)
+    clip_x0: Optional[float] = option(1.0, "clip the predicted x0 to [-C, C] at each step; the direction term keeps "
+                                      "the predicted eps (none: no clipping)", above=0.0, metavar="C|none")
+    last_prev: int = option(0, "where the final step lands: 0 = step t=0 using alpha_bar[0] (the ground-truth recipe "
+                            "goes from t=1 to t=0), -1 = the clean image (alpha_bar = 1)", choices=(0, -1))
+    normalize: str = option("minmax", "map each final image to [0, 1]: per-image min-max (as the ground truth was) "
+                            "or clamp((x+1)/2)", choices=NORMALIZE)
+    num_train_steps: int = option(1000, "diffusion steps T of the face UNet's schedule", minimum=1, cli=False)
 
     def __post_init__(self) -> None:
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
-        if self.last_prev not in (-1, 0):
-            raise ValueError(f"last_prev must be 0 (alpha_bar[0]) or -1 (alpha_bar = 1), got {self.last_prev!r}")
-        if self.clip_x0 is not None and not self.clip_x0 > 0:
-            raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0!r}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
-        self.timesteps()  # validates steps/offset
+        self.validate()
+
+    def validate(self) -> None:
+        super().validate()
+        self.timesteps()  # validates steps/offset against last_prev
 
     def timesteps(self) -> Tensor:
         ts = ddim_timesteps(self.num_train_steps, self.steps, self.offset)

@@ -8,12 +8,13 @@ modulation after the second GroupNorm, as in Dhariwal & Nichol 2021).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from difflab.options import Config, option
 
 NUM_DIGITS = 10
 NUM_DATASETS = 2
@@ -22,31 +23,16 @@ NULL_DATASET = NUM_DATASETS
 
 
 @dataclass
-class DigitUNetConfig:
-    channels: int = 64
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    attention_levels: tuple[int, ...] = (2,)  # level index (0 = 28x28) with self-attention
-    groups: int = 16
-    dropout: float = 0.0
-    in_channels: int = 3
-    patch: int = 1  # >1: pixel-unshuffle the input by this factor first (28x28x3 -> 14x14x12 at 2)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DigitUNetConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DigitUNetConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        for k in ("channel_mults", "attention_levels"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+class DigitUNetConfig(Config):
+    channels: int = option(64, "UNet base width", minimum=1)
+    channel_mults: tuple[int, ...] = option((1, 2, 2), "width multiplier per resolution level", minimum=1)
+    num_res_blocks: int = option(1, "residual blocks per level", minimum=1)
+    attention_levels: tuple[int, ...] = option((2,), "levels with self-attention (0 = the finest, 28x28)", minimum=0,
+                                               nargs="*")
+    groups: int = option(16, "GroupNorm groups", minimum=1)
+    dropout: float = option(0.0, "dropout in the residual blocks", minimum=0.0, maximum=1.0)
+    in_channels: int = option(3, "image channels", minimum=1, cli=False)
+    patch: int = option(1, "pixel-unshuffle factor before the UNet (2: 28x28x3 -> 14x14x12)", minimum=1)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -1,94 +1,123 @@
 """Options of ``difflab ti train`` (``TrainConfig``) and ``difflab ti generate``
-(``GenerateConfig``)."""
+(``GenerateConfig``); the command line is built from these fields."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from difflab.io import read_templates
+from difflab.options import (
+    Config,
+    device_option,
+    guidance_scale_option,
+    mixed_precision_option,
+    option,
+    out_option,
+    quiet_option,
+    resume_option,
+    seed_option,
+)
 from difflab.personalize.templates import TEMPLATES
+from difflab.sampling import SAMPLERS
+
+# The Stable Diffusion loading options, shared by train and generate.
+SD_HELP = (
+    "Stable Diffusion v1.x: an original single-file checkpoint (sd-v1-4.ckpt or .safetensors, "
+    "CompVis key names) or a diffusers-format folder with unet/ vae/ text_encoder/ tokenizer/"
+)
+TOKENIZER_HELP = (
+    "folder with the CLIP tokenizer's vocab.json and merges.txt. A single-file checkpoint carries no "
+    "tokenizer; without this option it is taken from $DIFFLAB_SD_TOKENIZER, a tokenizer/ folder beside "
+    "the checkpoint, or the local Hugging Face cache of openai/clip-vit-large-patch14 (never downloaded)"
+)
+CONFIG_HELP = (
+    "folder with unet, vae, text_encoder (and scheduler) configs as NAME.json or NAME/config.json, for a "
+    "single-file checkpoint of another size (none: the SD v1 configs carried by difflab)"
+)
+EMBEDDINGS_HELP = "learned embedding files (token -> [n, width])"
 
 
 @dataclass
-class TrainConfig:
-    """Options of ``difflab ti train`` (the CLI is built from these fields)."""
+class TrainConfig(Config):
+    """Options of ``difflab ti train``."""
 
-    sd: str
-    concept_dir: str
-    token: str
-    init_word: str
-    out: str
-    property: str = "object"
-    templates: Optional[str] = None  # a text file of caption templates (one per line, "{}" = the token)
-    num_vectors: int = 1
-    steps: int = 3000
-    lr: float = 2e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 4
-    resolution: Optional[int] = None  # None: the model's native size (512 for SD v1)
-    flip_p: float = 0.5  # probability of a horizontal mirror per training image (0 for text, digits, asymmetric things)
-    seed: int = 0
-    resume: Optional[str] = None
-    embeddings: List[str] = field(default_factory=list)  # other concepts, loaded frozen
-    validation_prompt: Optional[str] = None
-    validation_every: int = 500
-    validation_images: int = 4
-    validation_steps: int = 50
-    guidance: float = 7.5
-    save_every: int = 500
-    mixed_precision: str = "no"
-    device: Optional[str] = None  # None: accelerate's choice
-    tokenizer: Optional[str] = None
-    config_dir: Optional[str] = None
-    quiet: bool = False
+    sd: str = option(help=SD_HELP)
+    concept_dir: str = option(help="folder of images of the concept (.jpg .jpeg .png .webp .bmp). An image may have a "
+                              "caption file beside it, the same name ending in .txt (00.png: 00.txt), in the "
+                              "--templates format; its templates replace the others for that image, e.g. to name "
+                              "what the image shows besides the concept")
+    token: str = option(help='the new token, e.g. "<new1>" (must not be in the vocabulary)')
+    init_word: str = option(help="word whose embedding initialises the token, e.g. dog or painting")
+    out: str = out_option("output .safetensors: {token: [num_vectors, width]}, readable by diffusers' "
+                          "load_textual_inversion; the resume state OUT.state.safetensors is written beside it")
+    property: str = option("object", "caption templates: an object ('a photo of a <tok>') or a style "
+                           "('a painting in the style of <tok>')", choices=tuple(TEMPLATES))
+    templates: Optional[str] = option(None, "caption templates to train with instead of --property's: a text file, "
+                                      "one template per line with {} where the token goes (blank lines and # "
+                                      "comments skipped)", metavar="FILE")
+    num_vectors: int = option(1, "embedding vectors for the token; >1 adds tokens TOKEN_1 .. TOKEN_{n-1}", minimum=1)
+    steps: int = option(3000, "optimisation steps", minimum=1)
+    lr: float = option(2e-3, "AdamW learning rate", above=0.0)
+    weight_decay: float = option(1e-2, "AdamW weight decay on the new rows", minimum=0.0)
+    batch_size: int = option(4, "images per step, per process", minimum=1)
+    resolution: Optional[int] = option(None, "training image size (none: the model's native size, 512 for SD v1)",
+                                       minimum=8)
+    flip_p: float = option(0.5, "probability that a training image is mirrored left-right (0.5: as SD textual "
+                           "inversion usually trains); use 0 when a mirror changes the concept: digits, letters, "
+                           "text, asymmetric objects", minimum=0.0, maximum=1.0)
+    seed: int = seed_option()
+    resume: bool = resume_option()
+    embeddings: List[str] = option([], "other learned embeddings to load (frozen), so several concepts live in one "
+                                   "model", metavar="FILE")
+    validation_prompt: Optional[str] = option(None, "prompt for validation images (use the token in it); "
+                                              "none: no validation")
+    validation_every: int = option(500, "steps between validation grids", minimum=1)
+    validation_images: int = option(4, "images per validation grid", minimum=1)
+    validation_steps: int = option(50, "DDIM steps for validation images", minimum=1)
+    guidance_scale: float = guidance_scale_option(7.5, ", for validation images")
+    save_every: int = option(500, "steps between embedding snapshots OUT-stepNNNNNN.safetensors and the resume state",
+                             minimum=1)
+    mixed_precision: str = mixed_precision_option()
+    device: str = device_option(" (several GPUs: `accelerate launch`)")
+    tokenizer: Optional[str] = option(None, TOKENIZER_HELP)
+    config_dir: Optional[str] = option(None, CONFIG_HELP)
+    quiet: bool = quiet_option()
 
     def validate(self) -> None:
-        if self.property not in TEMPLATES:
-            raise ValueError(f"--property must be one of {sorted(TEMPLATES)}, got {self.property!r}")
-        for name in ("num_vectors", "steps", "batch_size", "validation_every", "validation_images", "validation_steps", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"--resolution must be >= 8, got {self.resolution!r}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"--flip-p must be in [0, 1], got {self.flip_p!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        super().validate()
         if self.templates is not None:
             read_templates(self.templates)
         if Path(self.out).suffix != ".safetensors":
-            raise ValueError(f"--out must end in .safetensors, got {self.out!r}")
+            raise ValueError(f"out must end in .safetensors, got {self.out!r}")
 
 
 @dataclass
-class GenerateConfig:
-    """Options of ``difflab ti generate`` (the CLI is built from these fields)."""
+class GenerateConfig(Config):
+    """Options of ``difflab ti generate``."""
 
-    json: str
-    out: str
-    sd: Optional[str] = None  # None: the shipped mini model (SHIPPED_MINI_SD)
-    embeddings: Tuple[str, ...] = ()
-    guidance: float = 7.5
-    steps: int = 50
-    images_per_prompt: int = 25
-    batch_size: int = 5
-    seed: int = 0
-    height: Optional[int] = None
-    width: Optional[int] = None
-    device: Optional[str] = None
-    dtype: str = "fp32"
-    tokenizer: Optional[str] = None
-    config_dir: Optional[str] = None
-    quiet: bool = False
+    json: str = option(help="the course's input.json: {key: {token_name, prompt: [...]}}")
+    out: str = out_option("output folder: OUT/KEY/P/sourceKEY_promptP_I.png")
+    sd: Optional[str] = option(None, SD_HELP + " (none: the shipped mini model trained on captioned digits, "
+                               "src/difflab/assets/mini_sd, see `difflab t2i train`, with its shipped embeddings)")
+    embeddings: Tuple[str, ...] = option((), EMBEDDINGS_HELP + "; they win over the ones shipped in "
+                                         "difflab/assets/embeddings", metavar="FILE")
+    guidance_scale: float = guidance_scale_option(7.5)
+    sampler: str = option("ddim", "ddim, dpmpp-2m (DPM-Solver++(2M)), unipc (UniPC) or ddpm (all T steps)",
+                          choices=SAMPLERS)
+    steps: int = option(50, "sampling steps", minimum=1)
+    images_per_prompt: int = option(25, "images per prompt", minimum=1)
+    batch_size: int = option(5, "images per forward pass; images do not depend on it", minimum=1)
+    seed: int = seed_option()
+    height: Optional[int] = option(None, "image height (none: the model's native size, 512 for SD v1)", minimum=8)
+    width: Optional[int] = option(None, "image width (none: the model's native size)", minimum=8)
+    device: str = device_option()
+    dtype: str = option("fp32", "network precision; fp16 and bf16 on a GPU only", choices=("fp32", "fp16", "bf16"))
+    tokenizer: Optional[str] = option(None, TOKENIZER_HELP)
+    config_dir: Optional[str] = option(None, CONFIG_HELP)
+    quiet: bool = quiet_option()
 
     def validate(self) -> None:
-        for name in ("steps", "images_per_prompt", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
+        super().validate()
         if Path(self.out).is_file():
             raise ValueError(f"output {self.out} is a file; expected a folder")
-
-

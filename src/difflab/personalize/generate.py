@@ -90,7 +90,7 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     cfg.validate()
     concepts = read_course_json(cfg.json)
     explicit, _ = embedding_files(cfg.embeddings)  # missing files fail before the model loads
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device if cfg.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(cfg.dtype, device)
     if sd is None:
         sd_path = cfg.sd
@@ -123,7 +123,7 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
         for start in range(0, len(indices), cfg.batch_size):
             chunk = indices[start : start + cfg.batch_size]
             seeds = [image_seed(cfg.seed, c.key, p, i) for i in chunk]
-            images = sample_images(sd, prompt, seeds, steps=cfg.steps, guidance=cfg.guidance, height=height, width=width)
+            images = sample_images(sd, prompt, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, height=height, width=width)
             for i, img in zip(chunk, images):
                 path = output_path(cfg.out, c.key, p, i)
                 save_png(img, path)

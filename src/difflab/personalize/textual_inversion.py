@@ -174,8 +174,10 @@ def _add_concepts(sd, cfg: TrainConfig, others: Dict[str, Tensor], device, weigh
 
 
 def _resume(cfg: TrainConfig, param: torch.nn.Parameter, optimizer, generator: torch.Generator, device) -> int:
-    """Load ``cfg.resume`` into the embedding, the generator and the optimizer; returns its step."""
-    tensors, start = _load_state(cfg.resume, cfg.token, tuple(param.shape))
+    """Load the resume state beside ``cfg.out`` (``state_path``) into the embedding, the
+    generator and the optimizer; returns its step."""
+    path = state_path(cfg.out)
+    tensors, start = _load_state(path, cfg.token, tuple(param.shape))
     with torch.no_grad():
         param.copy_(tensors["embedding"].to(param))
     generator.set_state(tensors["rng"])
@@ -186,7 +188,7 @@ def _resume(cfg: TrainConfig, param: torch.nn.Parameter, optimizer, generator: t
         state["state"] = {0: {k: v.to(device) if k != "step" else v for k, v in adam.items()}}
         optimizer.load_state_dict(state)
     if start >= cfg.steps:
-        raise ValueError(f"{cfg.resume} is already at step {start} >= --steps {cfg.steps}")
+        raise ValueError(f"{path} is already at step {start} >= steps {cfg.steps}")
     return start
 
 
@@ -265,5 +267,5 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
 def _validate(sd, cfg: TrainConfig, out: Path, step: int) -> None:
     sd.text_encoder.eval()
     seeds = [cfg.seed * VALIDATION_SEED_STRIDE + k for k in range(cfg.validation_images)]
-    images = sample_images(sd, cfg.validation_prompt, seeds, steps=cfg.validation_steps, guidance=cfg.guidance)
+    images = sample_images(sd, cfg.validation_prompt, seeds, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale)
     save_grid(images, out.with_name(f"{out.stem}-validation") / f"step{step:06d}.png", nrow=min(4, len(seeds)))

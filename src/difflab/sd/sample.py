@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from difflab.guidance import guided
-from difflab.sampling import ddim_sample, ddim_timesteps
+from difflab.sampling import ddim_timesteps, run_sampler
 from difflab.sd.load import UNetDenoiser
 
 
@@ -34,15 +34,17 @@ def sample_latents(
     seeds: Sequence[int],
     *,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance_scale: float = 7.5,
+    sampler: str = "ddim",
     height: Optional[int] = None,
     width: Optional[int] = None,
     progress: bool = False,
 ) -> Tensor:
-    """DDIM with classifier-free guidance for one prompt: latents [B, C, h, w] (float32).
+    """Guided sampling of one prompt: latents [B, C, h, w] (float32).
 
-    :param guidance: SD's guidance scale s (1 = no guidance); ``guided`` gets w = s - 1,
-        with the empty prompt "" as the unconditional condition.
+    :param guidance_scale: SD's guidance scale s (1 = no guidance); ``guided`` gets
+        w = s - 1, with the empty prompt "" as the unconditional condition.
+    :param sampler: one of ``difflab.sampling.SAMPLERS`` (DDIM by default, eta 0).
     """
     height = height or sd.resolution
     width = width or sd.resolution
@@ -53,9 +55,9 @@ def sample_latents(
     x_T = initial_noise(seeds, (sd.latent_channels, height // f, width // f)).to(sd.device)
     cond = sd.encode_text([prompt] * b)
     uncond = sd.encode_text([""] * b)
-    denoiser = guided(UNetDenoiser(sd.unet), guidance - 1.0, uncond)
+    denoiser = guided(UNetDenoiser(sd.unet), guidance_scale - 1.0, uncond)
     ts = ddim_timesteps(sd.schedule.num_steps, steps, offset=sd.steps_offset)
-    return ddim_sample(denoiser, sd.schedule, x_T, ts, cond, eta=0.0, last_prev=0, progress=progress)
+    return run_sampler(sampler, denoiser, sd.schedule, x_T, ts, cond, last_prev=0, progress=progress)
 
 
 @torch.no_grad()

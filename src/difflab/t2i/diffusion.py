@@ -206,16 +206,18 @@ def train_diffusion(run: Run, latents: Latents, scale: float, descriptor: Option
                   params=params, grad_clip=cfg.grad_clip, ema=ema, history={"loss": losses},
                   checkpoint=lambda done: checkpoint_and_export(run, nets, ema, optimizer, losses, done),
                   checkpoint_every=cfg.ckpt_every, sample_every=cfg.sample_every,
-                  sample=lambda done: write_sample_grid(run.out, samples / f"step_{done:07d}.png"),
+                  sample=lambda done: write_sample_grid(run.out, samples / f"step_{done:07d}.png", sampler=cfg.sampler),
                   desc="t2i train", progress=run.show, where=f"model folder {run.out}"))
     return losses
 
 
-def write_sample_grid(model_dir: PathLike, path: PathLike, per_prompt: int = 4, steps: int = 25, guidance: float = 4.0) -> Path:
+def write_sample_grid(model_dir: PathLike, path: PathLike, per_prompt: int = 4, steps: int = 25, guidance_scale: float = 4.0,
+                      sampler: str = "ddim") -> Path:
     """A grid of ``per_prompt`` samples (one row each) for each of SAMPLE_PROMPTS, from the
     exported model in ``model_dir``."""
     sd = load_sd(model_dir)
-    images = [sample_images(sd, p, list(range(per_prompt)), steps=steps, guidance=guidance) for p in SAMPLE_PROMPTS]
+    images = [sample_images(sd, p, list(range(per_prompt)), steps=steps, guidance_scale=guidance_scale,
+                             sampler=sampler) for p in SAMPLE_PROMPTS]
     grid = torch.stack(images, dim=1).flatten(0, 1)  # column = prompt
     save_grid(grid, path, nrow=len(SAMPLE_PROMPTS))
     return Path(path)

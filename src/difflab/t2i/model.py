@@ -10,13 +10,14 @@ diffusers layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), which
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from difflab.io import PathLike, save_json, staged_dir
+from difflab.options import Config, option
 from difflab.sd.load import read_config
 from difflab.sd.tokenizer import write_clip_vocab
 from difflab.t2i.captions import VOCAB_WORDS
@@ -25,45 +26,34 @@ IMAGE_SIZE = 32
 
 
 @dataclass
-class MiniConfig:
+class MiniConfig(Config):
     """Sizes of the three networks (defaults: the shipped model)."""
 
-    unet_channels: tuple[int, ...] = (64, 128)
-    unet_layers_per_block: int = 1
-    attention_levels: tuple[int, ...] = (1,)  # UNet levels (0 = finest) with cross-attention blocks
-    attention_head_dim: int = 8
-    vae_channels: tuple[int, ...] = (32, 64)
-    latent_channels: int = 4
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    max_length: int = 24
-    # Also feed the text to every ResNet block: an attention-pooled text vector added to
-    # the time embedding (UNet2DConditionModel's addition_embed_type="text").
-    text_time_embedding: bool = True
-    # ResNet blocks apply the time (+ text) embedding as a scale and shift after their
-    # GroupNorm (resnet_time_scale_shift="scale_shift") instead of a bias before it, whose
-    # part shared by a group's channels the GroupNorm cancels (all of it at one channel
-    # per group; half of it in the 64-channel level of 32 groups).
-    time_scale_shift: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MiniConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown MiniConfig fields: {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+    unet_channels: tuple[int, ...] = option((64, 128), "UNet block_out_channels, one per level", minimum=8)
+    unet_layers_per_block: int = option(1, "UNet layers_per_block", minimum=1)
+    attention_levels: tuple[int, ...] = option((1,), "UNet levels (0 = finest) with cross-attention", minimum=0)
+    attention_head_dim: int = option(8, "UNet attention head width", minimum=1)
+    vae_channels: tuple[int, ...] = option((32, 64), "VAE block_out_channels (n levels: 2^(n-1) downsampling)", minimum=8)
+    latent_channels: int = option(4, "latent channels of the VAE", minimum=1)
+    text_width: int = option(64, "text encoder hidden size (= UNet cross_attention_dim)", minimum=1)
+    text_layers: int = option(2, "text encoder layers", minimum=1)
+    text_heads: int = option(4, "text encoder attention heads", minimum=1)
+    max_length: int = option(24, "caption tokens, start and end included", minimum=3)
+    text_time_embedding: bool = option(True, "also add an attention-pooled text vector to the UNet's time embedding, "
+                                       "so every ResNet block sees the caption (diffusers' addition_embed_type='text'), "
+                                       "not only the cross-attention layers")
+    time_scale_shift: bool = option(True, "ResNet blocks apply the time (and text) embedding as a scale and shift after "
+                                    "GroupNorm (resnet_time_scale_shift='scale_shift'), instead of a bias before it "
+                                    "that GroupNorm partly removes")
 
     def validate(self) -> None:
         """Raise ValueError for sizes the networks cannot be built with."""
+        super().validate()
         if len(self.unet_channels) < 1 or len(self.vae_channels) < 1:
             raise ValueError("unet_channels and vae_channels need at least one level each")
         if any(c < 8 or c % 8 for c in (*self.unet_channels, *self.vae_channels)):
-            raise ValueError(f"channel counts must be positive multiples of 8, got unet {self.unet_channels}, vae {self.vae_channels}")
+            raise ValueError(f"channel counts must be positive multiples of 8, got unet {self.unet_channels}, "
+                             f"vae {self.vae_channels}")
         if IMAGE_SIZE % 2 ** len(self.vae_channels):
             raise ValueError(f"{len(self.vae_channels)} VAE levels downsample {IMAGE_SIZE}x{IMAGE_SIZE} too far")
         if self.text_width % self.text_heads or self.text_width % self.attention_head_dim:
@@ -74,7 +64,8 @@ class MiniConfig:
     def unet_kwargs(self) -> dict[str, Any]:
         n = len(self.unet_channels)
         if not self.attention_levels or any(not 0 <= i < n for i in self.attention_levels):
-            raise ValueError(f"attention_levels must name at least one of the UNet's levels 0..{n - 1}, got {self.attention_levels}")
+            raise ValueError(f"attention_levels must name at least one of the UNet's levels 0..{n - 1}, "
+                             f"got {self.attention_levels}")
         down = ["CrossAttnDownBlock2D" if i in self.attention_levels else "DownBlock2D" for i in range(n)]
         return dict(
             sample_size=IMAGE_SIZE // 2 ** (len(self.vae_channels) - 1),
