@@ -148,7 +148,7 @@ def test_guidance_scale_reaches_the_digit_sampler_as_w(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_guided(denoiser, w, null):
+    def fake_guided(denoiser, w, null, **options):
         seen["w"] = w
         raise Stop
 

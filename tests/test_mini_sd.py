@@ -102,9 +102,11 @@ def test_hw2_3_sh_without_a_checkpoint_one_prompt(tmp_path):
     one = {"0": {**spec["0"], "prompt": spec["0"]["prompt"][:1]}}
     (tmp_path / "input.json").write_text(json.dumps(one))
     out = tmp_path / "out"
-    run_hw2_3(tmp_path / "input.json", out)
+    run = run_hw2_3(tmp_path / "input.json", out)
+    notes = [line for line in run.stderr.splitlines() if "shipped 32x32 mini digit model" in line]
+    assert len(notes) == 1 and "Stable Diffusion v1.4" in notes[0]  # says which model draws, and why
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert files == [f"0/0/source0_prompt0_{i}.png" for i in range(25)]
+    assert files == sorted(f"0/0/source0_prompt0_{i}.png" for i in range(25))
     with Image.open(out / "0" / "0" / "source0_prompt0_0.png") as im:
         assert im.size == (32, 32) and im.mode == "RGB"
 

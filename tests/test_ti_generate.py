@@ -217,3 +217,24 @@ def test_course_input_json_and_concept_images():
         assert len(files) == count
         img = load_concept_image(files[0], 64)
         assert img.shape == (3, 64, 64) and -1 <= img.min() < img.max() <= 1
+
+
+def test_embeddings_from_the_environment(setup, tmp_path, monkeypatch):
+    """$DIFFLAB_EMBEDDINGS (files or folders, os.pathsep-separated) gives hw2_3.sh learned
+    embeddings without copying them into the package; a missing entry is an error."""
+    import os
+
+    root, model = setup
+    monkeypatch.setattr(gen, "SHIPPED_EMBEDDINGS", tmp_path / "none")
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    save_embedding(folder / "a.safetensors", "<new1>", torch.ones(1, 32))
+    single = tmp_path / "b.safetensors"
+    save_embedding(single, "<new2>", torch.ones(1, 32))
+    monkeypatch.setenv("DIFFLAB_EMBEDDINGS", f"{folder}{os.pathsep}{single}")
+    explicit, _ = gen.embedding_files()
+    assert explicit == [folder / "a.safetensors", single]
+    assert set(gen.find_embeddings(["<new1>", "<new2>"], 32)) == {"<new1>", "<new2>"}
+    monkeypatch.setenv("DIFFLAB_EMBEDDINGS", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"\$DIFFLAB_EMBEDDINGS names .*absent"):
+        gen.embedding_files()

@@ -116,6 +116,51 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, offset: int = 0) -> Ten
     return steps.flip(0)
 
 
+SPACINGS = ("uniform", "quad", "logsnr")
+
+
+def spaced_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str = "uniform") -> Tensor:
+    """``num_steps`` distinct training steps, descending, spaced three ways:
+
+    - ``uniform``: :func:`ddim_timesteps` (offset 0);
+    - ``quad``: t_k = round((k / (N - 1) * sqrt(0.8 T))^2), DDIM's quadratic skip
+      (Song et al. 2021, App. D.2), denser near the data;
+    - ``logsnr``: uniform in lambda = log(alpha / sigma) between t = T - 1 and t = 0, each
+      target lambda taken at its nearest training step (the spacing DPM-Solver's
+      analysis assumes, Lu et al. 2022, Sec. 3.3).
+
+    Where rounding makes two steps equal, the list is completed with the nearest unused
+    steps, so it always holds exactly ``num_steps`` entries.
+    """
+    T = schedule.num_steps
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps!r}")
+    if spacing == "uniform":
+        return ddim_timesteps(T, num_steps)
+    if spacing == "quad":
+        targets = (torch.linspace(0, (0.8 * T) ** 0.5, num_steps, dtype=torch.float64) ** 2).round()
+    elif spacing == "logsnr":
+        ab = schedule.alpha_bar_padded[1:]
+        lam = 0.5 * (ab.log() - (1 - ab).log())  # decreasing in t
+        wanted = torch.linspace(float(lam[-1]), float(lam[0]), num_steps, dtype=torch.float64)
+        targets = (lam[None, :] - wanted[:, None]).abs().argmin(dim=1).double()
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    chosen: list[int] = []
+    for t in targets.long().clamp(0, T - 1).tolist():
+        cand = t
+        for d in range(T):  # nearest unused step
+            for c in (t - d, t + d):
+                if 0 <= c < T and c not in chosen:
+                    cand = c
+                    break
+            else:
+                continue
+            break
+        chosen.append(cand)
+    return torch.tensor(sorted(chosen, reverse=True), dtype=torch.long)
+
+
 def _adds_noise(schedule: NoiseSchedule, t: int, t_prev: int, eta: float, dtype: torch.dtype) -> bool:
     """Whether DDIM's sigma is > 0 for the step t -> t_prev: the sampler's formula in its
     dtype, on the host's copy of the schedule, so that no GPU value is read back."""

@@ -136,7 +136,7 @@ class ScorePlan:
 def plan_scoring(concepts: Sequence[Concept], concept_root: PathLike, gen_root: PathLike, expected: int = EXPECTED_IMAGES) -> ScorePlan:
     """Check every folder before any model is loaded; a wrong image count only warns."""
     concept_root, gen_root = Path(concept_root), Path(gen_root)
-    for root, what in ((concept_root, "concept image root (--input-dir)"), (gen_root, "generated image root (--output-dir)")):
+    for root, what in ((concept_root, "concept image root (concept_root)"), (gen_root, "generated image root (gen_root)")):
         if not root.is_dir():
             raise FileNotFoundError(f"{what} not found: {root}")
     plan = ScorePlan({}, {})

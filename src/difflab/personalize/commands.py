@@ -5,6 +5,7 @@ The options are the fields of :mod:`difflab.personalize.config`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from difflab.options import Threads, add_command, add_group, config_from_args
 
@@ -48,6 +49,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(GenerateConfig, args)
     quiet_libraries()
+    if cfg.sd is None:  # one line, also under --quiet: the images are not Stable Diffusion's
+        print("difflab ti generate: no --sd given, so the shipped 32x32 mini digit model (difflab/assets/mini_sd) "
+              "and its embeddings draw the prompts: Stable Diffusion v1.4's weights cannot ship with difflab; "
+              "pass the checkpoint (hw2_3.sh's third argument) for the course's images", file=sys.stderr)
     paths = generate_from_json(cfg)
     if not cfg.quiet:
         print(f"wrote {len(paths)} images under {cfg.out}")

@@ -9,25 +9,44 @@ it is in or on the device (up to the network's own floating-point behaviour).
 """
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from difflab.assets import SHIPPED_EMBEDDINGS, SHIPPED_MINI_SD
+from difflab.devices import resolve_device
 from difflab.io import PathLike, read_course_json, save_png
 from difflab.personalize.config import GenerateConfig
 from difflab.sd.concepts import add_concept, read_embedding_file
 from difflab.sd.load import load_sd, parse_dtype
 from difflab.sd.sample import sample_images
 
+EMBEDDINGS_ENV = "DIFFLAB_EMBEDDINGS"
+
+
+def env_embedding_files() -> List[Path]:
+    """Embedding files named by ``$DIFFLAB_EMBEDDINGS``: files or folders (their
+    ``*.safetensors``), separated by ``os.pathsep``; how ``hw2_3.sh`` is given learned
+    embeddings without copying them into the package."""
+    out: List[Path] = []
+    for item in filter(None, os.environ.get(EMBEDDINGS_ENV, "").split(os.pathsep)):
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(p.glob("*.safetensors"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"${EMBEDDINGS_ENV} names {p}, which does not exist")
+    return out
+
 
 def embedding_files(extra: Sequence[PathLike] = ()) -> Tuple[List[Path], List[Path]]:
-    """(explicit files, shipped files): ``extra`` as given, then every
-    ``assets/embeddings/**/*.safetensors`` shipped with the package."""
-    explicit = [Path(p) for p in extra]
+    """(explicit files, shipped files): ``extra`` as given and ``$DIFFLAB_EMBEDDINGS``'s
+    files, then every ``assets/embeddings/**/*.safetensors`` shipped with the package."""
+    explicit = [Path(p) for p in extra] + env_embedding_files()
     for p in explicit:
         if not p.is_file():
             raise FileNotFoundError(f"embedding file not found: {p}")
@@ -82,26 +101,51 @@ def output_path(out: PathLike, key: str, p: int, i: int) -> Path:
     return Path(out) / key / str(p) / f"source{key}_prompt{p}_{i}.png"
 
 
-def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
-    """Validate everything, then write every image of the course layout; return the paths."""
+def _load_model(cfg: GenerateConfig):
+    """The SD model of ``cfg`` on its device and dtype (the shipped mini model without ``sd``)."""
+    device = resolve_device(cfg.device)
+    dtype = parse_dtype(cfg.dtype, device)
+    sd_path = cfg.sd
+    if sd_path is None:
+        if not (SHIPPED_MINI_SD / "unet" / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no sd model given and the shipped mini model is missing at {SHIPPED_MINI_SD}; "
+                "give a Stable Diffusion checkpoint or train one with `difflab t2i train`"
+            )
+        sd_path = str(SHIPPED_MINI_SD)
+    return load_sd(sd_path, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir, device=device, dtype=dtype), dtype
+
+
+def _write_images(sd, cfg: GenerateConfig, concepts, height: int, width: int) -> List[Path]:
     from tqdm.auto import tqdm
 
+    jobs = [(c, p, prompt) for c in concepts for p, prompt in enumerate(c.prompts)]
+    written: List[Path] = []
+    bar = tqdm(total=len(jobs) * cfg.images_per_prompt, desc="ti generate", unit="img", disable=cfg.quiet)
+    for c, p, prompt in jobs:
+        indices = list(range(cfg.images_per_prompt))
+        for start in range(0, len(indices), cfg.batch_size):
+            chunk = indices[start : start + cfg.batch_size]
+            seeds = [image_seed(cfg.seed, c.key, p, i) for i in chunk]
+            images = sample_images(sd, prompt, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                   sampler=cfg.sampler, height=height, width=width)
+            for i, img in zip(chunk, images):
+                path = output_path(cfg.out, c.key, p, i)
+                save_png(img, path)
+                written.append(path)
+            bar.update(len(chunk))
+    bar.close()
+    return written
 
+
+def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
+    """Validate everything, then write every image of the course layout; return the paths."""
     cfg.validate()
     concepts = read_course_json(cfg.json)
     explicit, _ = embedding_files(cfg.embeddings)  # missing files fail before the model loads
-    device = cfg.device if cfg.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(cfg.dtype, device)
+    dtype = parse_dtype(cfg.dtype, resolve_device(cfg.device))
     if sd is None:
-        sd_path = cfg.sd
-        if sd_path is None:
-            if not (SHIPPED_MINI_SD / "unet" / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"no --sd given and the shipped mini model is missing at {SHIPPED_MINI_SD}; "
-                    "pass --sd with a Stable Diffusion checkpoint or train one with `difflab t2i train`"
-                )
-            sd_path = str(SHIPPED_MINI_SD)
-        sd = load_sd(sd_path, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir, device=device, dtype=dtype)
+        sd, dtype = _load_model(cfg)
     prompts = [p for c in concepts for p in c.prompts]
     vectors = find_embeddings(sorted({c.token for c in concepts}), sd.text_width, explicit, prompts)
     known = set(sd.concepts.tokens) if sd.concepts is not None else set()
@@ -112,22 +156,5 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     height = cfg.height or sd.resolution
     width = cfg.width or sd.resolution
     if height % sd.vae_downsample or width % sd.vae_downsample:
-        raise ValueError(f"--height/--width must be multiples of {sd.vae_downsample}, got {height}x{width}")
-
-    jobs = [(c, p, prompt) for c in concepts for p, prompt in enumerate(c.prompts)]
-    total = len(jobs) * cfg.images_per_prompt
-    written: List[Path] = []
-    bar = tqdm(total=total, desc="ti generate", unit="img", disable=cfg.quiet)
-    for c, p, prompt in jobs:
-        indices = list(range(cfg.images_per_prompt))
-        for start in range(0, len(indices), cfg.batch_size):
-            chunk = indices[start : start + cfg.batch_size]
-            seeds = [image_seed(cfg.seed, c.key, p, i) for i in chunk]
-            images = sample_images(sd, prompt, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, height=height, width=width)
-            for i, img in zip(chunk, images):
-                path = output_path(cfg.out, c.key, p, i)
-                save_png(img, path)
-                written.append(path)
-            bar.update(len(chunk))
-    bar.close()
-    return written
+        raise ValueError(f"height and width must be multiples of {sd.vae_downsample}, got {height}x{width}")
+    return _write_images(sd, cfg, concepts, height, width)

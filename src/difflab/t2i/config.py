@@ -16,7 +16,7 @@ def _probability(default: float, help: str):
 class T2ITrainConfig(Config):
     steps: int = option(6000, "diffusion-stage optimisation steps", minimum=1)
     batch_size: int = option(64, "images per diffusion step (per process)", minimum=1)
-    lr: float = option(1e-3, "peak AdamW learning rate of the UNet and text encoder", above=0.0)
+    lr: float = option(1e-3, "peak AdamW learning rate of the UNet and text encoder (0 keeps the weights: a check)", minimum=0.0)
     warmup: int = option(300, "linear warm-up steps, then cosine decay", minimum=0)
     min_lr_ratio: float = option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
