@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, T
 __all__ = [
     "Config", "option", "add_config_args", "config_from_args", "check_value", "flag_of",
     "add_group", "add_command", "device_option", "seed_option", "mixed_precision_option", "quiet_option",
-    "out_option", "resume_option", "guidance_scale_option", "Threads", "MIXED_PRECISION",
+    "out_option", "resume_option", "guidance_scale_option", "Threads", "DigitDataRun", "MIXED_PRECISION",
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -382,6 +382,16 @@ def resume_option() -> Any:
     """``--resume`` of every trainer."""
     return option(False, "continue the earlier run that wrote --out from the newest state it saved "
                   "(without --resume, an --out that holds a run is refused)", shared="resume")
+
+
+@dataclass(kw_only=True)
+class DigitDataRun(Config):
+    """What the trainers on the course's digit data share (``digits train``, ``t2i train``);
+    each adds its own ``--out``."""
+
+    data: str = option(help="folder in the course layout: mnistm/ and svhn/ with train.csv and data/")
+    resume: bool = resume_option()
+    quiet: bool = quiet_option()
 
 
 def guidance_scale_option(default: float, note: str = "") -> Any:

@@ -15,6 +15,7 @@ from typing import Optional
 
 from difflab.options import (
     Config,
+    DigitDataRun,
     Threads,
     add_command,
     add_group,
@@ -23,7 +24,6 @@ from difflab.options import (
     option,
     out_option,
     quiet_option,
-    resume_option,
 )
 
 NAME = "digits"
@@ -39,11 +39,8 @@ def _default_evaluators() -> Path:
 
 
 @dataclass(kw_only=True)
-class TrainRun(Config):
-    data: str = option(help="folder in the course layout: mnistm/ and svhn/ with train.csv and data/")
+class TrainRun(DigitDataRun):
     out: str = out_option("run folder: checkpoints/, samples/, train_config.json")
-    resume: bool = resume_option()
-    quiet: bool = quiet_option()
 
 
 @dataclass(kw_only=True)

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 from difflab.options import (
     Config,
+    DigitDataRun,
     Threads,
     add_command,
     add_group,
     config_from_args,
     option,
     out_option,
-    quiet_option,
-    resume_option,
 )
 
 NAME = "t2i"
@@ -25,11 +24,8 @@ HELP = "a small Stable-Diffusion-format text-to-image model trained on captioned
 
 
 @dataclass(kw_only=True)
-class TrainRun(Config):
-    data: str = option(help="folder in the course layout: mnistm/ and svhn/ with train.csv and data/")
+class TrainRun(DigitDataRun):
     out: str = out_option("output model folder (a diffusers folder, plus checkpoints/ and samples/)")
-    resume: bool = resume_option()
-    quiet: bool = quiet_option()
 
 
 @dataclass(kw_only=True)
