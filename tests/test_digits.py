@@ -310,3 +310,35 @@ def test_shipped_checkpoint_passes_the_course_bar(tmp_path):
     r = evaluate_folder(tmp_path, EVALUATORS / "mnistm_classifier.pth", EVALUATORS / "svhn_classifier.pth")
     m, s = r["mnistm"].acc, r["svhn"].acc
     assert m >= 0.95 and s >= 0.95 and (m + s) / 2 >= 0.97, (m, s)
+
+
+def test_evaluate_real_prints_the_fidelity_the_library_computes(tmp_path, capsys):
+    """`digits evaluate --real` adds per dataset the fidelity of the images against
+    balanced real ones and the real-vs-real floor, as difflab.digits.evaluate computes them."""
+    from difflab.digits.evaluate import evaluate_fidelity, format_fidelity
+    from difflab.nets.digit_classifiers import MnistmClassifier, SvhnClassifier
+
+    data = make_layout(tmp_path / "data", counts=(("mnistm", 100), ("svhn", 100)))
+    torch.manual_seed(0)
+    ckpts = {}
+    for name, net in (("mnistm", MnistmClassifier()), ("svhn", SvhnClassifier())):
+        ckpts[name] = tmp_path / f"{name}.pth"
+        torch.save({"state_dict": net.state_dict()}, ckpts[name])
+    out = tmp_path / "out"
+    rng = np.random.default_rng(1)
+    for name in ("mnistm", "svhn"):
+        (out / name).mkdir(parents=True)
+        for d in range(10):
+            for k in range(1, 5):
+                Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(out / name / f"{d}_{k:03d}.png")
+    rc = main(["digits", "evaluate", str(out), "--mnistm-classifier", str(ckpts["mnistm"]), "--svhn-classifier",
+               str(ckpts["svhn"]), "--real", str(data), "--per-class", "4", "--device", "cpu"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    expected = evaluate_fidelity(out, data, ckpts, per_class=4)
+    assert printed[3:] == format_fidelity(expected).splitlines()
+    assert [line.split(":")[0] for line in printed[3:]] == ["mnistm generated", "mnistm floor    ", "svhn generated",
+                                                            "svhn floor    "]
+    assert all(r.n_real == r.n_generated == 40 for rows in expected.values() for r in rows.values())
+    # the images are noise like the real ones here: precision and recall are far from 0
+    assert all(0.2 < r.precision <= 1 and 0.2 < r.recall <= 1 for rows in expected.values() for r in rows.values())

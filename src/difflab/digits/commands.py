@@ -24,6 +24,7 @@ from difflab.options import (
     option,
     out_option,
     quiet_option,
+    seed_option,
 )
 
 NAME = "digits"
@@ -68,6 +69,13 @@ class EvaluateRun(Config):
     mnistm_classifier: Optional[str] = option(None, "MNIST-M grader state dict "
                                               "(none: ../shared/evaluators/mnistm_classifier.pth)")
     svhn_classifier: Optional[str] = option(None, "SVHN classifier state dict (none: ../shared/evaluators/svhn_classifier.pth)")
+    real: Optional[str] = option(None, "digit data in the course layout (mnistm/, svhn/): also print, per dataset, the "
+                                 "Frechet distance, KID and k-NN precision/recall against balanced real images in the "
+                                 "classifiers' penultimate features, and the same numbers for two disjoint real sets "
+                                 "(the floor); none: accuracy only")
+    per_class: int = option(50, "with --real: images per digit compared (fewer when a digit has too few real "
+                            "images for two disjoint sets)", minimum=4)
+    seed: int = seed_option()
     device: str = device_option()
 
 
@@ -124,13 +132,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from difflab.devices import resolve_device
-    from difflab.digits.evaluate import evaluate_folder, format_report
+    from difflab.digits.evaluate import evaluate_fidelity, evaluate_folder, format_fidelity, format_report
 
     run = config_from_args(EvaluateRun, args)
     ev = _default_evaluators()
     m = run.mnistm_classifier or ev / "mnistm_classifier.pth"
     s = run.svhn_classifier or ev / "svhn_classifier.pth"
-    print(format_report(evaluate_folder(run.images, m, s, device=resolve_device(run.device))))
+    device = resolve_device(run.device)
+    print(format_report(evaluate_folder(run.images, m, s, device=device)))
+    if run.real is not None:
+        fid = evaluate_fidelity(run.images, run.real, {"mnistm": m, "svhn": s}, per_class=run.per_class,
+                                seed=run.seed, device=device)
+        print(format_fidelity(fid))
     return 0
 
 
