@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 from difflab.nets.digit_unet import DigitUNetConfig
 from difflab.options import Config, device_option, guidance_scale_option, mixed_precision_option, option, seed_option
-from difflab.sampling import SAMPLERS
+from difflab.sampling import SAMPLERS, SPACINGS
 
 GUIDE_ON = ("both", "digit", "dataset")
 SCHEDULES = ("linear", "cosine")
@@ -45,7 +45,9 @@ class TrainConfig(Config):
 class SampleConfig(Config):
     sampler: str = option("ddim", "ddim, dpmpp-2m (DPM-Solver++(2M)), unipc (UniPC, B(h) = h) or ddpm (all T "
                           "ancestral steps)", choices=SAMPLERS)
-    steps: int = option(10, "sampling steps, uniform over the T training steps (ddpm uses all T)", minimum=1)
+    steps: int = option(10, "sampling steps (ddpm uses all T)", minimum=1)
+    spacing: str = option("uniform", "where the steps fall among the T training steps: uniform (DDIM's stride), quad "
+                          "(quadratic, denser near the data) or logsnr (uniform in log-SNR)", choices=SPACINGS)
     # S = 4 (w = 3) was chosen by benchmarks/digits.py.
     guidance_scale: float = guidance_scale_option(
         4.0, ". The course writes the same rule with w = S - 1: eps = (1 + w) eps_cond - w eps_uncond, so S 4 is w 3")

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from difflab.data import DATASETS
-from difflab.digits.generate import SampleConfig, generate_images, sample_digits
+from difflab.digits.generate import SampleConfig, course_plan, generate_images, sample_digits
 from difflab.interpolation import lerp, slerp
 from difflab.io import PathLike, make_grid, save_grid, save_png
 from difflab.nets.digit_unet import DigitUNet
-from difflab.sampling import ddim_timesteps
+from difflab.sampling import spaced_timesteps
 from difflab.schedule import NoiseSchedule
 
 SNAPSHOT_TIMES = (1000, 800, 600, 400, 200, 0)
@@ -35,7 +35,7 @@ def reverse_process(net: DigitUNet, schedule: NoiseSchedule, dataset: int, cfg: 
     x_t after the sampler's step that lands on (or first passes below) each time.
     """
     g = torch.Generator().manual_seed(cfg.seed)
-    n_before = dataset * 10 * 50  # the course plan orders mnistm first, then svhn; 0_001 starts each
+    n_before = course_plan()[2].index(f"{DATASETS[dataset]}/0_001.png")  # its index in the course set
     noise = torch.randn((n_before + 1, 3, 28, 28), generator=g)[n_before:]
     snaps: dict[int, torch.Tensor] = {times[0]: noise[0].clone()}
     pending = [t for t in times[1:] if t > 0]
@@ -46,10 +46,10 @@ def reverse_process(net: DigitUNet, schedule: NoiseSchedule, dataset: int, cfg: 
         while pending and landed < pending[0]:
             snaps[pending.pop(0)] = x[0].float().cpu().clone()
 
-    if cfg.sampler == "ddim":
-        ts = [int(v) for v in ddim_timesteps(schedule.num_steps, cfg.steps)]
-    else:
+    if cfg.sampler == "ddpm":
         ts = list(range(schedule.num_steps - 1, -1, -1))
+    else:
+        ts = [int(v) for v in spaced_timesteps(schedule, cfg.steps, cfg.spacing)]
     final = sample_digits(net, schedule, torch.tensor([0]), torch.tensor([dataset]), noise, cfg, callback=callback)
     snaps[0] = final[0].float().cpu()
     strip = torch.stack([snaps[t].clamp(-1, 1) for t in times])

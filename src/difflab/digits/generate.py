@@ -17,7 +17,7 @@ from difflab.digits.config import SampleConfig
 from difflab.guidance import guided
 from difflab.io import PathLike, save_png
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
-from difflab.sampling import ddim_timesteps, run_sampler
+from difflab.sampling import run_sampler, spaced_timesteps
 from difflab.schedule import NoiseSchedule
 
 
@@ -54,7 +54,7 @@ def sample_digits(
                       interval=cfg.guidance_interval)
     cond = (digits.to(device), datasets.to(device))
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # per-step noise (ddpm / eta > 0)
-    ts = ddim_timesteps(schedule.num_steps, cfg.steps)
+    ts = spaced_timesteps(schedule, cfg.steps, cfg.spacing)
     x = run_sampler(cfg.sampler, denoiser, schedule, noise.to(device), ts, cond, eta=cfg.eta, clip_x0=cfg.clip_x0,
                     generator=gen, callback=callback, progress=progress)
     return x.clamp(-1, 1)
