@@ -24,9 +24,9 @@ HELP = "CLIP scores for personalised images (course grader) and zero-shot classi
 
 @dataclass(kw_only=True)
 class ClipRun(Config):
-    clip: str = option(help="local Hugging Face CLIP folder, e.g. a downloaded openai/clip-vit-base-patch32 "
-                       "(config.json, weights, preprocessor_config.json, tokenizer); never fetched from the network",
-                       metavar="PATH")
+    clip: str = option(help="a Hugging Face CLIP folder (config.json, weights, preprocessor_config.json, tokenizer), "
+                       "or its id when it is in the local cache, e.g. openai/clip-vit-base-patch32; never fetched "
+                       "from the network", metavar="PATH|ID")
     device: str = device_option()
     batch_size: int = option(32, "images per CLIP forward pass", minimum=1, metavar="N")
     quiet: bool = quiet_option()

@@ -24,10 +24,12 @@ from difflab.sampling import SAMPLERS
 # The Stable Diffusion loading options, shared by train and generate.
 SD_HELP = (
     "Stable Diffusion v1.x: an original single-file checkpoint (sd-v1-4.ckpt or .safetensors, "
-    "CompVis key names) or a diffusers-format folder with unet/ vae/ text_encoder/ tokenizer/"
+    "CompVis key names), a diffusers-format folder with unet/ vae/ text_encoder/ tokenizer/, or the Hugging Face "
+    "id of such a folder already in the local cache (e.g. CompVis/stable-diffusion-v1-4; never downloaded)"
 )
 TOKENIZER_HELP = (
-    "folder with the CLIP tokenizer's vocab.json and merges.txt. A single-file checkpoint carries no "
+    "folder with the CLIP tokenizer's vocab.json and merges.txt (or the Hugging Face id of one in the local "
+    "cache). A single-file checkpoint carries no "
     "tokenizer; without this option it is taken from $DIFFLAB_SD_TOKENIZER, a tokenizer/ folder beside "
     "the checkpoint, or the local Hugging Face cache of openai/clip-vit-large-patch14 (never downloaded)"
 )
