@@ -69,14 +69,14 @@ def draw_captions(digits: Tensor, datasets: Tensor, generator: torch.Generator, 
                   p_held_out_unnamed: float = 1.0) -> list[str]:
     """Captions for a batch, with the random choices drawn from ``generator``. A
     non-empty caption is a descriptor caption with probability ``p_descriptor`` (drawn
-    last, and only when it is > 0, so runs without descriptors draw as before).
+    last, and only when it is > 0, so that ``p_descriptor = 0`` consumes no draw for it).
 
     ``p_held_out_unnamed``: the probability that a non-descriptor caption of a 7 is
     "a digit"; otherwise its name slot holds the descriptor (it has no name to hold).
-    1.0 (every 7 is "a digit") is the original rule. Equal to ``p_unnamed``, "a digit"
-    is drawn as often for 7s as for any other digit, so p(7 | "a digit") is the 7s'
-    share of the data. It reuses the draw that decides ``unnamed``, so 1.0 draws
-    exactly as before; below 1 it needs ``p_descriptor`` > 0."""
+    At 1.0 every 7 is "a digit". Equal to ``p_unnamed``, "a digit" is drawn as often for
+    7s as for any other digit, so p(7 | "a digit") is the 7s' share of the data. It
+    reuses the draw that decides ``unnamed`` (no draw of its own); below 1 it needs
+    ``p_descriptor`` > 0."""
     if p_held_out_unnamed < 1.0 and p_descriptor <= 0:
         raise ValueError("p_held_out_unnamed < 1 puts descriptors in the 7s' name slot; it needs p_descriptor > 0")
     n = len(digits)
