@@ -198,7 +198,7 @@ def test_default_model_is_the_shipped_mini_model(setup, tmp_path, monkeypatch):
     js = tmp_path / "in.json"
     js.write_text(json.dumps({"0": {"token_name": "<new1>", "prompt": ["a photo of a <new1>"]}}))
     c = gen.GenerateConfig(json=str(js), out=str(tmp_path / "o"), images_per_prompt=1, steps=2, device="cpu", quiet=True)
-    with pytest.raises(FileNotFoundError, match="no --sd given and the shipped mini model is missing"):
+    with pytest.raises(FileNotFoundError, match="no sd model given and the shipped mini model is missing"):
         gen.generate_from_json(c)
     monkeypatch.setattr(gen, "SHIPPED_MINI_SD", model)
     paths = gen.generate_from_json(c)

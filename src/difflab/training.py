@@ -10,19 +10,33 @@ with warm-up (:class:`EMA`), the optimisation step (:func:`optimizer_step`), and
 the final message.
 
 Randomness: every batch comes from :func:`batch_generator`, a pure function of
-(seed, step, process rank) and, for problems with several stages, a stream per stage, so a
+(seed, step, shard) and, for problems with several stages, a stream per stage, so a
 resumed run draws exactly what an uninterrupted one draws. Parameter initialisation uses
 the global RNG inside :func:`seeded_init`, which leaves the caller's RNG as it was.
+
+Several processes (``accelerate launch``, ``torchrun``; docs/multi-process.md): a step's
+global batch is ``count`` shards, shard ``s`` drawn from ``batch_generator(seed, step, s)``,
+and each process takes its own rows of it (:class:`Shards`); Accelerate averages the
+gradients, so every process holds the same weights, EMA and optimizer state, which
+:func:`run_loop` checks at every checkpoint (:func:`check_agreement`). Only the main process
+writes. A checkpoint records the world size and shard count; :func:`resume_shards` decides
+whether a run can continue on another number of processes. Generation shares its batches
+out with :class:`Processes` and the main process writes the whole output folder
+(:func:`publish_folder`).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import math
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -38,6 +52,7 @@ TRAIN_DEVICES = ("auto", "cpu", "cuda")  # one process per GPU: several GPUs thr
 
 # (loss, extra per-step values to record, e.g. {"acc": 0.9}) for one step
 LossStep = Callable[[int], "tuple[Tensor, dict[str, float]]"]
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------- randomness
@@ -68,6 +83,53 @@ def seeded_init(seed: Optional[int]) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class Shards:
+    """Which rows of a step's batch this process draws.
+
+    A step's global batch, ``world_size * batch_size`` rows, is the concatenation of
+    ``count`` shards of ``shard_size`` rows; shard ``s`` is drawn from
+    ``batch_generator(seed, step, s)``, and process ``rank`` takes rows
+    ``[rank * batch_size, (rank + 1) * batch_size)``, drawing only the shards they fall in.
+    With ``count == world_size`` (a new run's default) process ``r`` draws exactly shard
+    ``r`` (one process: ``batch_generator(seed, step, 0)``); one process with batch ``N * B``
+    and ``count = N`` draws the same rows as ``N`` processes with batch ``B``.
+    """
+
+    count: int
+    batch_size: int
+    world_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= MAX_RANKS:
+            raise ValueError(f"shards must be in [1, {MAX_RANKS}] (MAX_RANKS), got {self.count!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank!r}")
+        if (self.world_size * self.batch_size) % self.count:
+            raise ValueError(f"a global batch of {self.world_size} processes x batch_size {self.batch_size} cannot be "
+                             f"cut into {self.count} equal shards")
+
+    @property
+    def shard_size(self) -> int:
+        return self.world_size * self.batch_size // self.count
+
+    def pieces(self) -> list[tuple[int, slice]]:
+        """(shard, rows of that shard) that make up this process's batch, in order."""
+        n, lo, hi = self.shard_size, self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [(s, slice(max(lo, s * n) - s * n, min(hi, (s + 1) * n) - s * n)) for s in range(lo // n, (hi - 1) // n + 1)]
+
+    def draw(self, seed: int, step: int, draw: Callable[[torch.Generator, int], tuple], stream: int = 0,
+             streams: int = 1) -> tuple:
+        """This process's batch of ``step``: ``draw(generator, shard_size)`` returns one shard
+        as a tuple of tensors or lists (batch first); its rows are cut and concatenated."""
+        parts = [tuple(x[rows] for x in draw(batch_generator(seed, step, s, stream, streams), self.shard_size))
+                 for s, rows in self.pieces()]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(col) if isinstance(col[0], Tensor) else [v for c in col for v in c] for col in zip(*parts))
+
+
 # ------------------------------------------------------------------ set-up and resume
 def make_accelerator(device: Optional[str], mixed_precision: str = "no"):
     """An ``accelerate.Accelerator`` for ``device`` ("auto" or None: cuda when available,
@@ -81,7 +143,9 @@ def make_accelerator(device: Optional[str], mixed_precision: str = "no"):
     dev = resolve_device(device)
     from accelerate import Accelerator
 
-    return Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision)
+    _close_at_exit()
+    return accelerator
 
 
 def resume_or_refuse(run_dir: PathLike, resume: bool, started: Sequence[str] = ()) -> Optional[Path]:
@@ -101,6 +165,73 @@ def resume_or_refuse(run_dir: PathLike, resume: bool, started: Sequence[str] = (
     if not resume and begun:
         raise FileExistsError(f"{run_dir} already holds a training run; pass --resume to continue it or pick a new --out")
     return existing
+
+
+def resume_shards(where: PathLike, saved: Optional[dict], world_size: int, batch_size: int, saved_batch_size: int = 0,
+                  asked: Optional[int] = None) -> int:
+    """The shard count (see :class:`Shards`) of a run on ``world_size`` processes of
+    ``batch_size`` each: ``asked`` or ``world_size`` for a new run (``saved`` None), else
+    the count the run was started with (``saved``: a checkpoint's ``world_size`` and
+    ``shards``, both 1 when absent; ``saved_batch_size``: its per-process batch).
+
+    A run continues on another number of processes only with the same global batch
+    (processes x batch size): the data are then the same rows, and the learning rate
+    still fits. Anything else raises ValueError, one line saying why and what to pass.
+    """
+    if saved is None:
+        return asked or world_size
+    old_world = int(saved.get("world_size", 1))
+    count = int(saved.get("shards", old_world))
+    if asked and asked != count:
+        raise ValueError(f"--resume: {where} draws each batch as {count} shard(s); it cannot switch to {asked}")
+    total = old_world * saved_batch_size
+    if world_size != old_world and world_size * batch_size != total:
+        fix = (f"pass --batch-size {total // world_size} to continue it on {world_size} process(es)" if total % world_size == 0
+               else f"{total} does not split evenly over {world_size} processes")
+        raise ValueError(f"--resume: {where} was trained by {old_world} process(es) x batch {saved_batch_size} = {total} "
+                         f"images per step, {world_size} x {batch_size} = {world_size * batch_size} would change the "
+                         f"batch its learning rate was set for; {fix}")
+    if (world_size * batch_size) % count:
+        raise ValueError(f"--resume: {where} draws each batch as {count} shards; {world_size} process(es) x batch "
+                         f"{batch_size} does not split into {count} equal shards")
+    return count
+
+
+# ------------------------------------------------------------- agreement of processes
+def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and every byte, in the given order."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = torch.as_tensor(t).detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def optimizer_tensors(optimizer, prefix: str = "optimizer") -> Iterator[tuple[str, Tensor]]:
+    """The per-parameter state of ``optimizer`` (AdamW: step, exp_avg, exp_avg_sq) as named tensors."""
+    for index, st in sorted(optimizer.state_dict()["state"].items()):
+        for key, value in sorted(st.items()):
+            yield f"{prefix}.{index}.{key}", torch.as_tensor(value)
+
+
+def module_tensors(prefix: str, state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """``state`` (a state dict or an EMA shadow) as named tensors, keys prefixed."""
+    return ((f"{prefix}.{k}", v) for k, v in state.items())
+
+
+def check_agreement(accelerator, tensors: Iterable[tuple[str, Tensor]], what: str) -> list[str]:
+    """Every process's :func:`tensor_digest` of ``tensors`` (in process order), gathered on
+    every process; RuntimeError on every process when they differ."""
+    digest = tensor_digest(tensors)
+    if getattr(accelerator, "num_processes", 1) == 1:
+        return [digest]
+    from accelerate.utils import gather_object
+
+    digests = list(gather_object([digest]))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {len(digests)} processes hold different {what}: sha256 {[d[:12] for d in digests]}")
+    return digests
 
 
 # ------------------------------------------------------------------- step ingredients
@@ -168,6 +299,7 @@ class LocalAccelerator:
     device = torch.device("cpu")
     is_main_process = True
     process_index = 0
+    num_processes = 1
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -205,8 +337,15 @@ class Loop:
     :param lr: ``step -> learning rate``, set on every parameter group before the step
         (None: the optimizer's own).
     :param params: the parameters whose gradient norm is clipped to ``grad_clip`` (> 0).
-    :param checkpoint: ``done ->`` write a checkpoint after ``done`` steps; called on the
-        main process every ``checkpoint_every`` steps (<= 0: only at the end) and at ``end``.
+    :param checkpoint: ``(done, processes) ->`` write a checkpoint after ``done`` steps;
+        called on the main process every ``checkpoint_every`` steps (<= 0: only at the end)
+        and at ``end``. ``processes`` is what the checkpoint records about the processes:
+        ``{"world_size": N, "shards": S}`` and, with ``state`` and several processes,
+        ``"state_digests"``: every process's digest of ``state()``, all equal.
+    :param state: ``() ->`` the named tensors every process must hold bit-identically
+        (weights, EMA, optimizer state); with several processes their digests are
+        gathered and compared before each checkpoint, and the run stops when they differ.
+    :param shards: the shard count the checkpoint records (see :class:`Shards`).
     :param sample: ``done ->`` write samples; every ``sample_every`` steps and at the end
         (<= 0: never).
     :param history: per-step values so far (``"loss"``: the losses of a resumed run); the
@@ -224,8 +363,10 @@ class Loop:
     params: Sequence[torch.nn.Parameter] = ()
     grad_clip: float = 0.0
     ema: Optional[EMA] = None
-    checkpoint: Optional[Callable[[int], None]] = None
+    checkpoint: Optional[Callable[[int, dict], None]] = None
     checkpoint_every: int = 0
+    state: Optional[Callable[[], Iterable[tuple[str, Tensor]]]] = None
+    shards: int = 1
     sample: Optional[Callable[[int], None]] = None
     sample_every: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -249,7 +390,21 @@ def _train_step(loop: Loop, step: int) -> None:
         loop.history.setdefault(name, []).append(value)
 
 
-def _after_step(loop: Loop, done: int, bar) -> None:
+def _checkpoint_due(loop: Loop, done: int) -> bool:
+    return loop.checkpoint is not None and (is_due(done, loop.checkpoint_every, loop.end) or done == loop.end)
+
+
+def _processes(loop: Loop, done: int) -> dict:
+    """What a checkpoint after ``done`` steps records about the processes (every process
+    calls this: the digests are gathered from all of them)."""
+    acc = loop.accelerator
+    facts = {"world_size": getattr(acc, "num_processes", 1), "shards": loop.shards}
+    if facts["world_size"] > 1 and loop.state is not None:
+        facts["state_digests"] = check_agreement(acc, loop.state(), f"training state after step {done}")
+    return facts
+
+
+def _after_step(loop: Loop, done: int, bar, processes: Optional[dict]) -> None:
     """The main process's cadence: progress bar, checkpoint, samples."""
     if done % LOG_EVERY == 0 or done == loop.end:
         recent = loop.history.get(loop.show, [])[-LOG_WINDOW:]
@@ -257,8 +412,8 @@ def _after_step(loop: Loop, done: int, bar) -> None:
         if loop.lr is not None:
             shown["lr"] = f"{loop.lr(done - 1):.1e}"
         bar.set_postfix(shown)
-    if loop.checkpoint is not None and (is_due(done, loop.checkpoint_every, loop.end) or done == loop.end):
-        loop.checkpoint(done)
+    if processes is not None:
+        loop.checkpoint(done, processes)
     if loop.sample is not None and is_due(done, loop.sample_every, loop.end):
         loop.sample(done)
 
@@ -275,8 +430,9 @@ def run_loop(loop: Loop) -> dict[str, list[float]]:
     t0 = time.time()
     for step in bar:
         _train_step(loop, step)
+        processes = _processes(loop, step + 1) if _checkpoint_due(loop, step + 1) else None
         if main:
-            _after_step(loop, step + 1, bar)
+            _after_step(loop, step + 1, bar, processes)
         acc.wait_for_everyone()
     bar.close()
     if main and loop.progress:
@@ -308,3 +464,113 @@ def latest_checkpoint(run_dir: PathLike) -> Path | None:
     ckpts = sorted(Path(run_dir).glob("checkpoints/step_*"))
     done = [c for c in ckpts if (c / "state.json").is_file()]
     return done[-1] if done else None
+
+
+# ----------------------------------------------------------- processes for generation
+def launched_processes() -> int:
+    """How many processes this one was launched with (``WORLD_SIZE``, which ``accelerate
+    launch`` and ``torchrun`` set; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+_CLOSE_REGISTERED = False
+
+
+def _close_at_exit() -> None:
+    """Destroy the process group at interpreter exit, once nothing holds a distributed
+    model: gloo aborts the process ("terminate called without an active exception") when
+    it is torn down with the interpreter instead."""
+    global _CLOSE_REGISTERED
+    if _CLOSE_REGISTERED or launched_processes() <= 1:
+        return
+    _CLOSE_REGISTERED = True
+
+    def close() -> None:
+        import gc
+
+        import torch.distributed as dist
+
+        gc.collect()  # frees DistributedDataParallel wrappers still in reference cycles
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(close)
+
+
+class Processes:
+    """This process's part in a job shared by every launched process (one process, the
+    main one, when not launched with several).
+
+    Work is shared out as whole units (batches) with Accelerate's
+    ``split_between_processes``, so each unit is computed exactly as one process computes
+    it; :meth:`gather` brings every process's results to the main process, which writes.
+
+    :param device: the device asked for; with several processes and a GPU each process
+        uses its own (``cuda:LOCAL_RANK``, :attr:`device`).
+    """
+
+    def __init__(self, device: Optional[torch.device | str] = None):
+        requested = resolve_device(device)
+        self.state = None
+        self.count, self.index, self.device = 1, 0, requested
+        if launched_processes() > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=requested.type == "cpu")
+            _close_at_exit()
+            self.count, self.index = self.state.num_processes, self.state.process_index
+            self.device = self.state.device if requested.type == self.state.device.type else requested
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def share(self, units: Sequence[T]) -> list[T]:
+        """This process's units: contiguous, in order, the first processes one more when
+        they do not divide evenly."""
+        if self.state is None:
+            return list(units)
+        with self.state.split_between_processes(list(units)) as mine:
+            return list(mine)
+
+    def gather(self, results: list) -> Optional[list]:
+        """Every process's ``results`` concatenated in process order, on the main process
+        (None on the others). Each process calls it once, with picklable results."""
+        if self.state is None:
+            return results
+        import torch.distributed as dist
+
+        parts = [None] * self.count if self.is_main else None
+        dist.gather_object(results, parts, dst=0)
+        return [r for part in parts for r in part] if self.is_main else None
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def publish_folder(out_dir: PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a staging folder beside ``out_dir`` with ``write(folder)`` and move it into place:
+    one rename when ``out_dir`` does not exist or is empty; into an existing folder, each
+    file replaces its namesake atomically and other files are left alone. On error nothing
+    of this run reaches ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+            try:
+                os.replace(tmp, out_dir)  # rename(2) may replace an empty folder
+                return out_dir
+            except OSError:
+                pass  # an empty folder that cannot be replaced (a mount point, another OS): file by file
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            dst = out_dir / f.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dst)
+        return out_dir
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,10 @@
 
 Course layout: ``OUT/mnistm/{digit}_{k:03d}.png`` and ``OUT/svhn/{digit}_{k:03d}.png``
 for digit 0..9 and k = 1..50, 28x28 RGB.
+
+Under ``accelerate launch``/``torchrun`` the course set's batches are shared out among the
+processes, each batch sampled exactly as one process samples it, and the main process
+writes the whole folder: the files are byte-identical to a one-process run's.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from difflab.io import PathLike, save_png
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
 from difflab.sampling import run_sampler, spaced_timesteps
 from difflab.schedule import NoiseSchedule
+from difflab.training import Processes, publish_folder
 
 
 def null_condition(guide_on: str) -> Callable:
@@ -72,32 +77,60 @@ def course_plan(per_class: int = 50) -> tuple[Tensor, Tensor, list[str]]:
     return torch.tensor(digits), torch.tensor(datasets), names
 
 
-def generate_images(net, schedule, digits: Tensor, datasets: Tensor, cfg: SampleConfig, progress: bool = True) -> Tensor:
-    """Sample ``len(digits)`` images in batches; x_T for image i depends only on (seed, i)."""
+def batch_ranges(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The [start, end) rows of each forward batch of ``n`` images."""
+    return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def _sample_ranges(net, schedule, digits: Tensor, datasets: Tensor, noise: Tensor, ranges, cfg: SampleConfig,
+                   progress: bool) -> list[tuple[int, Tensor]]:
+    """(start, images [j - i, 3, 28, 28] in [-1, 1] on the CPU) of each batch [i, j) of ``ranges``."""
     from tqdm.auto import tqdm
 
+    return [(i, sample_digits(net, schedule, digits[i:j], datasets[i:j], noise[i:j], cfg).float().cpu())
+            for i, j in tqdm(ranges, desc="generating", disable=not progress, unit="batch")]
+
+
+def initial_noise(n: int, seed: int) -> Tensor:
+    """x_T of images 0 .. n - 1, [n, 3, 28, 28]: one draw from a generator seeded with
+    ``seed``, so image i's noise depends only on (seed, i)."""
+    return torch.randn((n, 3, 28, 28), generator=torch.Generator().manual_seed(seed))
+
+
+def generate_images(net, schedule, digits: Tensor, datasets: Tensor, cfg: SampleConfig, progress: bool = True) -> Tensor:
+    """Sample ``len(digits)`` images in batches of ``cfg.batch_size``; x_T for image i depends
+    only on (seed, i)."""
     n = len(digits)
-    g = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn((n, 3, 28, 28), generator=g)
     out = torch.empty((n, 3, 28, 28))
-    starts = range(0, n, cfg.batch_size)
-    for i in tqdm(starts, desc="generating", disable=not progress, unit="batch"):
-        j = min(i + cfg.batch_size, n)
-        out[i:j] = sample_digits(net, schedule, digits[i:j], datasets[i:j], noise[i:j], cfg).float().cpu()
+    noise = initial_noise(n, cfg.seed)
+    for i, images in _sample_ranges(net, schedule, digits, datasets, noise, batch_ranges(n, cfg.batch_size), cfg, progress):
+        out[i : i + len(images)] = images
     return out
 
 
 def generate_course_set(net, schedule, out_dir: PathLike, cfg: SampleConfig, per_class: int = 50, progress: bool = True) -> float:
     """Write the course's image set into ``out_dir``; returns the seconds spent.
 
-    All images are sampled first and written at the end (each atomically), so an
-    interrupted run leaves no partial set behind.
+    All images are sampled first; the main process then writes them into a staging folder
+    and moves it into place (:func:`difflab.training.publish_folder`), so an interrupted
+    run leaves no partial set behind. With several processes each samples its share of
+    the batches (on its own GPU: ``net`` is moved there) and sends them to the main one.
     """
     cfg.validate()
     t0 = time.time()
+    procs = Processes(next(net.parameters()).device)
+    net = net.to(procs.device)
     digits, datasets, names = course_plan(per_class)
-    images = generate_images(net, schedule, digits, datasets, cfg, progress)
-    out_dir = Path(out_dir)
-    for img, name in zip(images, names):
-        save_png((img + 1) / 2, out_dir / name)
+    noise = initial_noise(len(names), cfg.seed)
+    mine = procs.share(batch_ranges(len(names), cfg.batch_size))
+    done = procs.gather(_sample_ranges(net, schedule, digits, datasets, noise, mine, cfg, progress and procs.is_main))
+    if procs.is_main:
+        images = torch.cat([x for _, x in sorted(done, key=lambda r: r[0])])
+
+        def write(folder: Path) -> None:
+            for img, name in zip(images, names):
+                save_png((img + 1) / 2, folder / name)
+
+        publish_folder(out_dir, write)
+    procs.wait()
     return time.time() - t0

@@ -6,7 +6,9 @@ dataset label by its null token with probability ``p_uncond_dataset``. Sampling 
 then guide on the digit, on the dataset, or on both.
 
 Every batch (images, steps, noise, dropout masks) is a pure function of
-(seed, step, process index), so ``--resume`` reproduces an uninterrupted run.
+(seed, step, shard) (:class:`difflab.training.Shards`), so ``--resume`` reproduces an
+uninterrupted run, and one process with batch N x B and N shards draws what N processes
+with batch B draw (docs/multi-process.md).
 """
 from __future__ import annotations
 
@@ -23,10 +25,13 @@ from difflab.schedule import NoiseSchedule, ddpm_loss
 from difflab.training import (
     EMA,
     Loop,
-    batch_generator,
+    Shards,
     cosine_lr,
     make_accelerator,
+    module_tensors,
+    optimizer_tensors,
     resume_or_refuse,
+    resume_shards,
     run_loop,
     seeded_init,
     write_checkpoint,
@@ -38,22 +43,29 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cosine_lr(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step)
 
 
-def draw_batch(data: BalancedDigits, cfg: TrainConfig, step: int, rank: int = 0):
-    """Images, steps, noise and condition-dropped labels of one step on process ``rank``."""
-    g = batch_generator(cfg.seed, step, rank)
-    x0, digit, dataset = data.batch(g, cfg.batch_size)
-    t = torch.randint(cfg.num_train_steps, (cfg.batch_size,), generator=g)
+def draw_shard(data: BalancedDigits, cfg: TrainConfig, g: torch.Generator, n: int):
+    """Images, steps, noise and condition-dropped labels of ``n`` rows drawn from ``g``."""
+    x0, digit, dataset = data.batch(g, n)
+    t = torch.randint(cfg.num_train_steps, (n,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    drop_d = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond_digit
-    drop_s = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond_dataset
+    drop_d = torch.rand(n, generator=g) < cfg.p_uncond_digit
+    drop_s = torch.rand(n, generator=g) < cfg.p_uncond_dataset
     digit = torch.where(drop_d, torch.full_like(digit, NULL_DIGIT), digit)
     dataset = torch.where(drop_s, torch.full_like(dataset, NULL_DATASET), dataset)
     return x0, t, noise, digit, dataset
 
 
+def draw_batch(data: BalancedDigits, cfg: TrainConfig, step: int, shards: Optional[Shards] = None):
+    """(x0, t, noise, digit, dataset) of one step on one process (``shards``: which rows;
+    None: one process, one shard of ``cfg.batch_size``)."""
+    shards = shards or Shards(1, cfg.batch_size)
+    return shards.draw(cfg.seed, step, lambda g, n: draw_shard(data, cfg, g, n))
+
+
 def _save_checkpoint(run_dir: Path, step: int, model, ema: dict, optimizer, cfg: TrainConfig, losses: list[float],
-                     keep: int) -> Path:
-    """Write ``checkpoints/step_XXXXXXX`` atomically (see :func:`difflab.training.write_checkpoint`)."""
+                     keep: int, processes: Optional[dict] = None) -> Path:
+    """Write ``checkpoints/step_XXXXXXX`` atomically (see :func:`difflab.training.write_checkpoint`);
+    ``processes``: the world size, shard count and state digests (:class:`difflab.training.Loop`)."""
 
     def write(folder: Path) -> None:
         meta = {"model": cfg.model.to_dict(), "schedule": cfg.schedule, "num_train_steps": cfg.num_train_steps}
@@ -61,20 +73,29 @@ def _save_checkpoint(run_dir: Path, step: int, model, ema: dict, optimizer, cfg:
         save_tensors(ema, folder / "model.safetensors")
         save_tensors(model.state_dict(), folder / "raw.safetensors")
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, folder / "state.json")
+        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict(), **(processes or {})},
+                  folder / "state.json")
 
     return write_checkpoint(run_dir / "checkpoints", step, write, keep)
 
 
-def _resumed_losses(latest: Optional[Path], cfg: TrainConfig) -> tuple[int, list[float]]:
-    """(first step, losses so far) of a run resumed from checkpoint ``latest`` (None: a new run)."""
+def _resumed(latest: Optional[Path], cfg: TrainConfig) -> tuple[int, list[float], Optional[dict], int]:
+    """(first step, losses so far, the checkpoint's state, its per-process batch) of a run
+    resumed from checkpoint ``latest`` (None: a new run)."""
     if latest is None:
-        return 0, []
+        return 0, [], None, 0
     state = load_json(latest / "state.json")
     saved = TrainConfig.from_dict(state["train_config"])
     if saved.model != cfg.model or saved.schedule != cfg.schedule:
         raise ValueError(f"--resume: {latest} was trained with a different model/schedule config")
-    return int(state["step"]), list(state["losses"])
+    return int(state["step"]), list(state["losses"]), state, saved.batch_size
+
+
+def state_tensors(model, ema: dict, optimizer):
+    """What every process holds alike: raw weights, EMA and optimizer state."""
+    yield from module_tensors("raw", model.state_dict())
+    yield from module_tensors("ema", ema)
+    yield from optimizer_tensors(optimizer)
 
 
 def train(
@@ -87,18 +108,29 @@ def train(
     data: Optional[BalancedDigits] = None,
     progress: bool = True,
     sample_fn: Optional[Callable] = None,
+    shards: Optional[int] = None,
 ) -> list[float]:
-    """Train (or resume) a digit model in ``run_dir``; returns the per-step losses.
+    """Train (or resume) a digit model in ``run_dir``; returns the per-step losses (each
+    the mean over the processes).
+
+    Under ``accelerate launch``/``torchrun`` every process runs this; ``cfg.batch_size`` is
+    per process, and only the main process writes.
 
     :param stop_at: stop after this many total steps (to test resumption); the LR
         schedule still follows ``cfg.steps``.
     :param sample_fn: ``(ema weights, cfg, png path)``, called every ``cfg.sample_every``
         steps and at the end.
+    :param shards: draw each step's global batch as this many shards (None: one per
+        process; see :class:`difflab.training.Shards`): one process with batch N x B and
+        ``shards=N`` follows N processes with batch B. A resumed run keeps its own.
     """
     run_dir = Path(run_dir)
     latest = resume_or_refuse(run_dir, resume)
-    start, losses = _resumed_losses(latest, cfg)
+    start, losses, saved, saved_batch = _resumed(latest, cfg)
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    count = resume_shards(latest, saved, world, cfg.batch_size, saved_batch, shards)
+    rows = Shards(count, cfg.batch_size, world, rank)
     if data is None:
         data = BalancedDigits.from_root(data_root, progress=progress and accelerator.is_main_process)
     with seeded_init(cfg.seed):
@@ -115,25 +147,26 @@ def train(
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(cfg.to_dict(), run_dir / "train_config.json")
-    rank = accelerator.process_index
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
 
     def loss_step(step: int):
-        x0, t, noise, digit, dataset = (v.to(accelerator.device) for v in draw_batch(data, cfg, step, rank))
+        x0, t, noise, digit, dataset = (v.to(accelerator.device) for v in draw_batch(data, cfg, step, rows))
         model.train()
         with accelerator.autocast():
             return ddpm_loss(denoiser, schedule, x0, t, noise, (digit, dataset), min_snr_gamma=cfg.min_snr_gamma), {}
 
-    def checkpoint(done: int) -> None:
+    def checkpoint(done: int, processes: dict) -> None:
         _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), ema.shadows["model"], optimizer, cfg, losses,
-                         cfg.keep_checkpoints)
+                         cfg.keep_checkpoints, processes)
 
     def sample(done: int) -> None:
         sample_fn(ema.shadows["model"], cfg, run_dir / "samples" / f"step_{done:07d}.png")
 
     run_loop(Loop(accelerator, optimizer, loss_step, start=start, end=end,
                   lr=lambda step: lr_at(cfg, step), params=list(model.parameters()), grad_clip=cfg.grad_clip, ema=ema,
-                  checkpoint=checkpoint, checkpoint_every=cfg.ckpt_every, sample=sample if sample_fn else None,
+                  checkpoint=checkpoint, checkpoint_every=cfg.ckpt_every, shards=count,
+                  state=lambda: state_tensors(accelerator.unwrap_model(model), ema.shadows["model"], optimizer),
+                  sample=sample if sample_fn else None,
                   sample_every=cfg.sample_every, history={"loss": losses}, desc="digits train", progress=progress,
                   where=f"run folder {run_dir}"))
     return losses

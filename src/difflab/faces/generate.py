@@ -5,9 +5,13 @@
 50 uniform steps 981, 961, ..., 1 (offset 1), eta 0, the last step landing on t=0 with
 alpha_bar[0], x0 clipped to [-1, 1] (direction term keeps the predicted eps), and each
 image min-max normalised to [0, 1] before saving with ``save_image`` rounding.
+
+Under ``accelerate launch``/``torchrun``, :func:`generate_dir` shares the batches out among
+the processes and the main process writes the folder, byte-identical to one process's.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -15,11 +19,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from difflab.devices import resolve_device
 from difflab.io import PathLike, minmax_normalize, save_png
 from difflab.options import Config, option
 from difflab.sampling import Denoiser, ddim_sample, ddim_timesteps
 from difflab.schedule import NoiseSchedule
+from difflab.training import Processes, publish_folder
 
 NORMALIZE = ("minmax", "clamp")
 
@@ -197,21 +201,46 @@ def generate_dir(
     seed: int = 0,
     progress: bool = True,
 ) -> list[Path]:
-    """The ``hw2_2.sh`` job: every ``NOISE_DIR/*.pt`` -> ``OUT/<stem>.png``.
+    """The ``hw2_2.sh`` job: every ``NOISE_DIR/*.pt`` -> ``OUT/<stem>.png``; returns the paths.
 
     All inputs are validated (noise files, then weights) before sampling; images are
-    written only after every sample is done, each atomically.
+    written only after every sample is done, into a staging folder moved into place
+    (:func:`difflab.training.publish_folder`).
+
+    With several processes each samples whole batches (so use ``batch_size`` < the number
+    of noises to share the work) and the main process writes. With eta > 0 the per-step
+    noise of a batch follows the previous batch's draws from one generator, so then the
+    main process samples every batch.
     """
     from difflab.faces.model_io import load_face_unet
 
     names, noise = load_noise_dir(noise_dir)
-    dev = resolve_device(device)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    procs = Processes(device)
     model = load_face_unet(unet_path)
     if noise.shape[-1] % model.downscale or noise.shape[-2] % model.downscale:
         raise ValueError(
             f"{Path(noise_dir) / (names[0] + '.pt')}: size {list(noise.shape[-2:])} is not a multiple of {model.downscale}"
         )
-    den = face_denoiser(model, dev)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    images = sample_faces(den, noise, recipe, batch_size=batch_size, device=dev, generator=gen, progress=progress)
-    return save_images(images, names, out_dir)
+    den = face_denoiser(model, procs.device)
+    batches = [(i, min(i + batch_size, len(names))) for i in range(0, len(names), batch_size)]
+    if recipe.eta > 0 and procs.count > 1:
+        mine = batches if procs.is_main else []
+        if procs.is_main:
+            print(f"faces generate: eta {recipe.eta:g} > 0 draws each batch's noise after the previous batch's, "
+                  f"so the main process samples every batch; the other {procs.count - 1} wait", file=sys.stderr)
+    else:
+        mine = procs.share(batches)
+    done = []
+    if mine:
+        lo, hi = mine[0][0], mine[-1][1]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        done.append((lo, sample_faces(den, noise[lo:hi], recipe, batch_size=batch_size, device=procs.device,
+                                      generator=gen, progress=progress and procs.is_main)))
+    gathered = procs.gather(done)
+    if procs.is_main:
+        images = torch.cat([x for _, x in sorted(gathered, key=lambda r: r[0])])
+        publish_folder(out_dir, lambda folder: save_images(images, names, folder))
+    procs.wait()
+    return [Path(out_dir) / f"{name}.png" for name in names]

@@ -6,6 +6,10 @@ each prompt index p of its ``prompt`` list and i = 0 .. images_per_prompt - 1.
 Sampling is ``difflab.sd.sample`` (DDIM with classifier-free guidance). Each image has
 its own seed, derived from (seed, key, p, i), so an image does not depend on the batch
 it is in or on the device (up to the network's own floating-point behaviour).
+
+Under ``accelerate launch``/``torchrun`` the batches (a prompt's images, ``batch_size`` at a
+time) are shared out among the processes, each on its own GPU, and the main process
+writes every file: the output is byte-identical to a one-process run's.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from difflab.personalize.config import GenerateConfig
 from difflab.sd.concepts import add_concept, read_embedding_file
 from difflab.sd.load import load_sd, parse_dtype
 from difflab.sd.sample import sample_images
+from difflab.training import Processes, publish_folder
 
 EMBEDDINGS_ENV = "DIFFLAB_EMBEDDINGS"
 
@@ -101,9 +106,8 @@ def output_path(out: PathLike, key: str, p: int, i: int) -> Path:
     return Path(out) / key / str(p) / f"source{key}_prompt{p}_{i}.png"
 
 
-def _load_model(cfg: GenerateConfig):
-    """The SD model of ``cfg`` on its device and dtype (the shipped mini model without ``sd``)."""
-    device = resolve_device(cfg.device)
+def _load_model(cfg: GenerateConfig, device):
+    """The SD model of ``cfg`` on ``device`` in its dtype (the shipped mini model without ``sd``)."""
     dtype = parse_dtype(cfg.dtype, device)
     sd_path = cfg.sd
     if sd_path is None:
@@ -116,26 +120,34 @@ def _load_model(cfg: GenerateConfig):
     return load_sd(sd_path, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir, device=device, dtype=dtype), dtype
 
 
-def _write_images(sd, cfg: GenerateConfig, concepts, height: int, width: int) -> List[Path]:
+def _write_images(sd, cfg: GenerateConfig, concepts, height: int, width: int, procs: Processes) -> List[Path]:
+    """Sample this process's share of the batches; the main process writes every image
+    (into a staging folder moved into place, :func:`difflab.training.publish_folder`)."""
     from tqdm.auto import tqdm
 
-    jobs = [(c, p, prompt) for c in concepts for p, prompt in enumerate(c.prompts)]
-    written: List[Path] = []
-    bar = tqdm(total=len(jobs) * cfg.images_per_prompt, desc="ti generate", unit="img", disable=cfg.quiet)
-    for c, p, prompt in jobs:
-        indices = list(range(cfg.images_per_prompt))
-        for start in range(0, len(indices), cfg.batch_size):
-            chunk = indices[start : start + cfg.batch_size]
-            seeds = [image_seed(cfg.seed, c.key, p, i) for i in chunk]
-            images = sample_images(sd, prompt, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                   sampler=cfg.sampler, height=height, width=width)
-            for i, img in zip(chunk, images):
-                path = output_path(cfg.out, c.key, p, i)
-                save_png(img, path)
-                written.append(path)
-            bar.update(len(chunk))
+    batches = [(c.key, p, prompt, list(range(start, min(start + cfg.batch_size, cfg.images_per_prompt))))
+               for c in concepts for p, prompt in enumerate(c.prompts)
+               for start in range(0, cfg.images_per_prompt, cfg.batch_size)]
+    mine = procs.share(batches)
+    done = []
+    bar = tqdm(total=sum(len(b[3]) for b in mine), desc="ti generate", unit="img", disable=cfg.quiet or not procs.is_main)
+    for key, p, prompt, chunk in mine:
+        seeds = [image_seed(cfg.seed, key, p, i) for i in chunk]
+        images = sample_images(sd, prompt, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                               sampler=cfg.sampler, height=height, width=width)
+        done += [(key, p, i, img) for i, img in zip(chunk, images)]
+        bar.update(len(chunk))
     bar.close()
-    return written
+    gathered = procs.gather(done)
+    if procs.is_main:
+
+        def write(folder: Path) -> None:
+            for key, p, i, img in gathered:
+                save_png(img, output_path(folder, key, p, i))
+
+        publish_folder(cfg.out, write)
+    procs.wait()
+    return [output_path(cfg.out, key, p, i) for key, p, _, chunk in batches for i in chunk]
 
 
 def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
@@ -144,8 +156,9 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     concepts = read_course_json(cfg.json)
     explicit, _ = embedding_files(cfg.embeddings)  # missing files fail before the model loads
     dtype = parse_dtype(cfg.dtype, resolve_device(cfg.device))
+    procs = Processes(cfg.device)
     if sd is None:
-        sd, dtype = _load_model(cfg)
+        sd, dtype = _load_model(cfg, procs.device)
     prompts = [p for c in concepts for p in c.prompts]
     vectors = find_embeddings(sorted({c.token for c in concepts}), sd.text_width, explicit, prompts)
     known = set(sd.concepts.tokens) if sd.concepts is not None else set()
@@ -157,4 +170,4 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     width = cfg.width or sd.resolution
     if height % sd.vae_downsample or width % sd.vae_downsample:
         raise ValueError(f"height and width must be multiples of {sd.vae_downsample}, got {height}x{width}")
-    return _write_images(sd, cfg, concepts, height, width)
+    return _write_images(sd, cfg, concepts, height, width, procs)

@@ -13,13 +13,19 @@ frozen by construction, not restored after each step.
 Embedding files are safetensors mapping token -> [num_vectors, d] (the layout
 diffusers' ``load_textual_inversion`` reads). A token with n > 1 vectors is expanded in
 prompts to ``tok tok_1 ... tok_{n-1}`` (diffusers' naming for multi-vector tokens).
+
+Every step's batch (images, mirrors, templates, latent noise, steps, noise) is a pure
+function of (seed, step, shard) (:class:`difflab.training.Shards`), so a resumed run, and a
+run on several processes (``accelerate launch``), draws what an uninterrupted one-process
+run with the same global batch draws. With several processes the frozen weights are
+checked, at the end, to be bit-identical on every process.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +39,15 @@ from difflab.schedule import ddpm_loss
 from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file, save_embedding
 from difflab.sd.load import DTYPES, UNetDenoiser, load_sd
 from difflab.sd.sample import sample_images
-from difflab.training import Loop, make_accelerator, run_loop
+from difflab.training import (
+    Loop,
+    Shards,
+    check_agreement,
+    make_accelerator,
+    optimizer_tensors,
+    resume_shards,
+    run_loop,
+)
 
 CHECK_SIZE = 8  # concept images are decoded this small before training, only to fail early on a bad one
 VALIDATION_SEED_STRIDE = 1000  # validation image k uses seed * VALIDATION_SEED_STRIDE + k
@@ -107,12 +121,15 @@ def step_path(out: PathLike, step: int) -> Path:
     return out.with_name(f"{out.stem}-step{step:06d}.safetensors")
 
 
-def _save_state(path: Path, param: Tensor, optimizer, generator: torch.Generator, step: int, meta: Dict[str, str]) -> None:
-    tensors = {"embedding": param.detach().float().cpu(), "rng": generator.get_state()}
+def _save_state(path: Path, param: Tensor, optimizer, step: int, meta: Dict[str, str], processes: dict) -> None:
+    """The resume state: the embedding, AdamW's state, the step, and (metadata) the world
+    size, batch size and shard count, and with several processes their state digests."""
+    tensors = {"embedding": param.detach().float().cpu()}
     st = optimizer.state_dict()["state"].get(0, {})
     for k, v in st.items():
         tensors[f"adam.{k}"] = torch.as_tensor(v).detach().float().cpu().reshape(-1) if k == "step" else v.detach().cpu()
-    save_tensors(tensors, path, metadata={**meta, "step": str(step)})
+    facts = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in processes.items()}
+    save_tensors(tensors, path, metadata={**meta, **facts, "step": str(step)})
 
 
 def _load_state(path: PathLike, token: str, shape: Tuple[int, ...]):
@@ -127,14 +144,14 @@ def _load_state(path: PathLike, token: str, shape: Tuple[int, ...]):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"cannot read resume state {path}: {e}") from None
-    if "embedding" not in tensors or "step" not in meta or "rng" not in tensors:
-        raise ValueError(f"{path} is not a textual-inversion resume state: expected 'embedding', 'rng' and a step")
+    if "embedding" not in tensors or "step" not in meta:
+        raise ValueError(f"{path} is not a textual-inversion resume state: expected 'embedding' and a step")
     if meta.get("token") != token or tuple(tensors["embedding"].shape) != tuple(shape):
         raise ValueError(
             f"{path} holds token {meta.get('token')!r} with shape {tuple(tensors['embedding'].shape)}, "
             f"expected {token!r} with shape {tuple(shape)}"
         )
-    return tensors, int(meta["step"])
+    return tensors, meta
 
 
 def _read_inputs(cfg: TrainConfig) -> tuple[List[Path], List[Tuple[str, ...]], Dict[str, str], Dict[str, Tensor]]:
@@ -152,7 +169,7 @@ def _read_inputs(cfg: TrainConfig) -> tuple[List[Path], List[Tuple[str, ...]], D
     if cfg.token in others:
         raise ValueError(f"token {cfg.token!r} is being trained; do not also load it with --embeddings")
     meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors),
-            "seed": str(cfg.seed), "flip_p": str(cfg.flip_p)}
+            "seed": str(cfg.seed), "flip_p": str(cfg.flip_p), "batch_size": str(cfg.batch_size)}
     if cfg.templates:
         meta["templates"] = "\n".join(templates)
     if own:
@@ -173,14 +190,19 @@ def _add_concepts(sd, cfg: TrainConfig, others: Dict[str, Tensor], device, weigh
     return add_concept(sd, cfg.token, init_vectors(sd, cfg.init_word, cfg.num_vectors), trainable=True)
 
 
-def _resume(cfg: TrainConfig, param: torch.nn.Parameter, optimizer, generator: torch.Generator, device) -> int:
-    """Load the resume state beside ``cfg.out`` (``state_path``) into the embedding, the
-    generator and the optimizer; returns its step."""
+def _resume(cfg: TrainConfig, param: torch.nn.Parameter, optimizer, device, world_size: int,
+            asked: Optional[int] = None) -> tuple[int, int]:
+    """Load the resume state beside ``cfg.out`` (``state_path``) into the embedding and the
+    optimizer; returns its step and its shard count (:func:`difflab.training.resume_shards`
+    refuses another number of processes that would change the global batch)."""
     path = state_path(cfg.out)
-    tensors, start = _load_state(path, cfg.token, tuple(param.shape))
+    tensors, meta = _load_state(path, cfg.token, tuple(param.shape))
+    start = int(meta["step"])
+    # a state without these facts is from one process (its "rng" tensor, a generator state, is not used)
+    saved = {k: int(meta.get(k, 1)) for k in ("world_size", "shards")}
+    shards = resume_shards(path, saved, world_size, cfg.batch_size, int(meta.get("batch_size", cfg.batch_size)), asked)
     with torch.no_grad():
         param.copy_(tensors["embedding"].to(param))
-    generator.set_state(tensors["rng"])
     adam = {k[len("adam."):]: v for k, v in tensors.items() if k.startswith("adam.")}
     if adam:
         state = optimizer.state_dict()
@@ -189,28 +211,31 @@ def _resume(cfg: TrainConfig, param: torch.nn.Parameter, optimizer, generator: t
         optimizer.load_state_dict(state)
     if start >= cfg.steps:
         raise ValueError(f"{path} is already at step {start} >= steps {cfg.steps}")
-    return start
+    return start, shards
 
 
-def _loss_step(sd, cfg: TrainConfig, accelerator, generator: torch.Generator, captions: List[Tuple[str, ...]],
+def _loss_step(sd, cfg: TrainConfig, accelerator, rows: Shards, captions: List[Tuple[str, ...]],
                mean: Tensor, std: Tensor):
     """The loss step: images, mirrors, templates, latents, steps and noise, drawn in that
-    order from ``generator`` (the same draws on any device)."""
+    order from each shard's CPU generator (the same draws on any device)."""
     denoiser = UNetDenoiser(sd.unet)
     device = accelerator.device
     # One draw per image picks its template: uniform over every image's list, and the
     # same draws as a single template list when no image has a caption file.
     draws = math.lcm(*(len(c) for c in captions))
 
+    def draw(g: torch.Generator, b: int):
+        idx = torch.randint(len(captions), (b,), generator=g)
+        flip = (torch.rand((b,), generator=g) < cfg.flip_p).long()
+        which = torch.randint(draws, (b,), generator=g)
+        z_noise = torch.randn((b, *mean.shape[2:]), generator=g)
+        t = torch.randint(sd.schedule.num_steps, (b,), generator=g)
+        noise = torch.randn((b, *mean.shape[2:]), generator=g)
+        return idx, flip, which, z_noise, t, noise
+
     def loss_step(step: int):
         sd.text_encoder.train()
-        b = cfg.batch_size
-        idx = torch.randint(len(captions), (b,), generator=generator)
-        flip = (torch.rand((b,), generator=generator) < cfg.flip_p).long()
-        which = torch.randint(draws, (b,), generator=generator)
-        z_noise = torch.randn((b, *mean.shape[2:]), generator=generator)
-        t = torch.randint(sd.schedule.num_steps, (b,), generator=generator)
-        noise = torch.randn((b, *mean.shape[2:]), generator=generator)
+        idx, flip, which, z_noise, t, noise = rows.draw(cfg.seed, step, draw)
         z0 = (mean[idx, flip] + std[idx, flip] * z_noise) * sd.latent_scale
         prompts = [captions[int(i)][int(k) % len(captions[int(i)])].format(cfg.token) for i, k in zip(idx, which)]
         with accelerator.autocast():
@@ -223,13 +248,17 @@ def _loss_step(sd, cfg: TrainConfig, accelerator, generator: torch.Generator, ca
     return loss_step
 
 
-def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
+def train_textual_inversion(cfg: TrainConfig, sd=None, shards: Optional[int] = None) -> Path:
     """Learn ``cfg.token``'s embedding from the images in ``cfg.concept_dir``.
 
     Writes ``cfg.out`` ({token: [n, d]}), the resume state beside it, snapshots
     ``NAME-stepNNNNNN.safetensors`` every ``save_every`` steps, and validation grids in
     ``NAME-validation/`` every ``validation_every`` steps when a prompt is given.
     ``sd`` may pass an already loaded model (tests); otherwise ``cfg.sd`` is loaded.
+    Under ``accelerate launch`` every process runs this (``cfg.batch_size`` per process)
+    and only the main process writes. ``shards``: draw each step's global batch as this
+    many shards (None: one per process; a resumed run keeps its own), so one process with
+    batch N x B and ``shards=N`` follows N processes with batch B.
     """
     files, captions, meta, others = _read_inputs(cfg)  # fail before loading anything big
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
@@ -244,23 +273,42 @@ def train_textual_inversion(cfg: TrainConfig, sd=None) -> Path:
 
     # The optimizer gets the new rows and nothing else.
     optimizer = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator("cpu").manual_seed(cfg.seed + accelerator.process_index)
-    start = _resume(cfg, param, optimizer, generator, accelerator.device) if cfg.resume else 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+    start, shards = _resume(cfg, param, optimizer, accelerator.device, world, shards) if cfg.resume else (0, shards or world)
+    rows = Shards(shards, cfg.batch_size, world, rank)
     wrapped, optimizer = accelerator.prepare(emb, optimizer)
     sd.text_encoder.set_input_embeddings(wrapped)
     mean, std = encode_concept_images(sd, files, resolution)
     out = Path(cfg.out)
 
-    def save(done: int) -> None:
+    def save(done: int, processes: dict) -> None:
         save_embedding(out if done == cfg.steps else step_path(out, done), cfg.token, param.detach(), {**meta, "step": str(done)})
-        _save_state(state_path(out), param, optimizer, generator, done, meta)
+        _save_state(state_path(out), param, optimizer, done, meta, processes)
 
-    run_loop(Loop(accelerator, optimizer, _loss_step(sd, cfg, accelerator, generator, captions, mean, std),
-                  start=start, end=cfg.steps, checkpoint=save, checkpoint_every=cfg.save_every,
-                  sample=(lambda done: _validate(sd, cfg, out, done)) if cfg.validation_prompt else None,
+    def state():
+        yield "embedding", param
+        yield from optimizer_tensors(optimizer)
+
+    run_loop(Loop(accelerator, optimizer, _loss_step(sd, cfg, accelerator, rows, captions, mean, std),
+                  start=start, end=cfg.steps, checkpoint=save, checkpoint_every=cfg.save_every, state=state,
+                  shards=shards, sample=(lambda done: _validate(sd, cfg, out, done)) if cfg.validation_prompt else None,
                   sample_every=cfg.validation_every, desc=f"ti {cfg.token}", progress=not cfg.quiet))
     sd.text_encoder.set_input_embeddings(emb)
+    if world > 1:
+        check_agreement(accelerator, frozen_tensors(sd), "frozen weights after training")
     return out
+
+
+def frozen_tensors(sd):
+    """Every weight textual inversion must leave alone, named: the UNet's, the VAE's and
+    the text encoder's parameters that do not require grad (the original token table and
+    other concepts' rows included), and their buffers."""
+    for name, net in (("unet", sd.unet), ("vae", sd.vae), ("text", sd.text_encoder)):
+        for k, v in net.named_parameters():
+            if not v.requires_grad:
+                yield f"{name}.{k}", v
+        for k, v in net.named_buffers():
+            yield f"{name}.{k}", v
 
 
 @torch.no_grad()

@@ -27,8 +27,18 @@ from difflab.t2i.captions import DESCRIPTOR_MARK, check_caption, draw_captions
 from difflab.t2i.config import T2ITrainConfig
 from difflab.t2i.descriptor import DescriptorNet, name_ids, splice_descriptors
 from difflab.t2i.model import build_text_encoder, build_unet, save_folder
-from difflab.t2i.stages import Run, Stage, copy_weights, init_seed, stage_generator
-from difflab.training import EMA, Loop, cosine_lr, run_loop, seeded_init, write_checkpoint
+from difflab.t2i.stages import STREAMS, Run, Stage, copy_weights, init_seed
+from difflab.training import (
+    EMA,
+    Loop,
+    Shards,
+    cosine_lr,
+    module_tensors,
+    optimizer_tensors,
+    run_loop,
+    seeded_init,
+    write_checkpoint,
+)
 
 Latents = list[tuple[Tensor, Tensor]]  # per dataset: posterior mean and std of every image
 
@@ -106,7 +116,7 @@ def _prepare(run: Run, nets: Nets, optimizer) -> tuple[Nets, object, Optional[di
 
 class DiffusionStep:
     """The loss step of stage 2: a batch of latents, captions, steps and noise (a pure
-    function of seed, step and rank), and its epsilon-prediction loss."""
+    function of seed, step and shard), and its epsilon-prediction loss."""
 
     def __init__(self, run: Run, nets: Nets, latents: Latents, scale: float,
                  descriptor: Optional[DescriptorNet], spliced: Optional[dict]):
@@ -114,11 +124,21 @@ class DiffusionStep:
         self.descriptor, self.spliced = descriptor, spliced
         self.schedule = schedule_from_config(read_config("scheduler"))
         self.denoiser = UNetDenoiser(nets.unet)
+        acc = run.accelerator
+        self.rows = Shards(run.shards, run.cfg.batch_size, acc.num_processes, acc.process_index)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(z0, t, noise, token ids, dataset index, image index) of ``step`` on this process."""
-        cfg, data, n = self.run.cfg, self.run.data, self.run.cfg.batch_size
-        g = stage_generator(cfg.seed, Stage.DIFFUSION, step, self.run.accelerator.process_index)
+        cfg = self.run.cfg
+        z0, t, noise, captions, which, idx = self.rows.draw(cfg.seed, step, self.draw, stream=int(Stage.DIFFUSION),
+                                                            streams=STREAMS)
+        ids = self.run.tokenizer(captions, padding="max_length", max_length=cfg.model.max_length, truncation=True,
+                                 return_tensors="pt").input_ids
+        return z0, t, noise, ids, which, idx
+
+    def draw(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor, Tensor, list[str], Tensor, Tensor]:
+        """(z0, t, noise, captions, dataset index, image index) of ``n`` rows drawn from ``g``."""
+        cfg, data = self.run.cfg, self.run.data
         which, idx = data.draw(g, n)
         mean = torch.empty((n, *self.latents[0][0].shape[1:]))
         std = torch.empty_like(mean)
@@ -133,9 +153,7 @@ class DiffusionStep:
             check_caption(c)
         t = torch.randint(self.schedule.num_steps, (n,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        ids = self.run.tokenizer(captions, padding="max_length", max_length=cfg.model.max_length, truncation=True,
-                                 return_tensors="pt").input_ids
-        return z0, t, noise, ids, which, idx
+        return z0, t, noise, captions, which, idx
 
     def __call__(self, step: int) -> tuple[Tensor, dict]:
         z0, t, noise, ids, which, idx = self.batch(step)
@@ -156,7 +174,7 @@ class DiffusionStep:
 
 
 def _save_checkpoint(out: Path, step: int, unet, text, ema: dict, optimizer, cfg: T2ITrainConfig, losses: list[float],
-                     projection=None) -> Path:
+                     projection=None, processes: Optional[dict] = None) -> Path:
     def write(folder: Path) -> None:
         if projection is not None:
             save_tensors(projection.state_dict(), folder / "projection_raw.safetensors")
@@ -165,7 +183,8 @@ def _save_checkpoint(out: Path, step: int, unet, text, ema: dict, optimizer, cfg
         save_tensors(ema["unet"], folder / "unet_ema.safetensors")
         save_tensors(ema["text"], folder / "text_ema.safetensors")
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict()}, folder / "state.json")
+        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict(), **(processes or {})},
+                  folder / "state.json")
 
     return write_checkpoint(out / "checkpoints", step, write, cfg.keep_checkpoints)
 
@@ -176,12 +195,14 @@ def _with_weights(model: torch.nn.Module, state: dict[str, Tensor]) -> torch.nn.
     return m.eval()
 
 
-def checkpoint_and_export(run: Run, nets: Nets, ema: EMA, optimizer, losses: list[float], step: int) -> None:
+def checkpoint_and_export(run: Run, nets: Nets, ema: EMA, optimizer, losses: list[float], step: int,
+                          processes: Optional[dict] = None) -> None:
     """Write checkpoint ``step`` and export its EMA networks to ``OUT`` (main process)."""
     unwrap, cfg = run.accelerator.unwrap_model, run.cfg
     unet, text = unwrap(nets.unet), unwrap(nets.text)
     projection = unwrap(nets.projection) if nets.projection is not None else None
-    _save_checkpoint(run.out, step, unet, text, ema.shadows, optimizer, cfg, losses, projection=projection)
+    _save_checkpoint(run.out, step, unet, text, ema.shadows, optimizer, cfg, losses, projection=projection,
+                     processes=processes)
     run.facts.update(diffusion_steps=step, train_config=cfg.to_dict())
     save_folder(run.out, unet=_with_weights(unet, ema.shadows["unet"]), text_encoder=_with_weights(text, ema.shadows["text"]),
                 dtype=torch.float16 if cfg.export_dtype == "fp16" else torch.float32, extra=run.facts)
@@ -201,11 +222,23 @@ def train_diffusion(run: Run, latents: Latents, scale: float, descriptor: Option
         load_checkpoint(resume_from, nets, ema, optimizer)
     nets, optimizer, spliced = _prepare(run, nets, optimizer)
     samples = run.out / "samples"
+    unwrap = run.accelerator.unwrap_model
+
+    def state():
+        yield from module_tensors("unet", unwrap(nets.unet).state_dict())
+        yield from module_tensors("text", unwrap(nets.text).state_dict())
+        if nets.projection is not None:
+            yield from module_tensors("projection", unwrap(nets.projection).state_dict())
+        for name, shadow in ema.shadows.items():
+            yield from module_tensors(f"ema.{name}", shadow)
+        yield from optimizer_tensors(optimizer)
+
     run_loop(Loop(run.accelerator, optimizer, DiffusionStep(run, nets, latents, scale, descriptor, spliced),
                   start=start, end=end, lr=lambda step: cosine_lr(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio, step),
                   params=params, grad_clip=cfg.grad_clip, ema=ema, history={"loss": losses},
-                  checkpoint=lambda done: checkpoint_and_export(run, nets, ema, optimizer, losses, done),
-                  checkpoint_every=cfg.ckpt_every, sample_every=cfg.sample_every,
+                  checkpoint=lambda done, processes: checkpoint_and_export(run, nets, ema, optimizer, losses, done,
+                                                                           processes),
+                  checkpoint_every=cfg.ckpt_every, state=state, shards=run.shards, sample_every=cfg.sample_every,
                   sample=lambda done: write_sample_grid(run.out, samples / f"step_{done:07d}.png", sampler=cfg.sampler),
                   desc="t2i train", progress=run.show, where=f"model folder {run.out}"))
     return losses

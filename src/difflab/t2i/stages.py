@@ -47,6 +47,8 @@ class Run:
     :param facts: the contents of ``OUT/mini_sd.json``; stages add to it.
     :param show: progress bars and messages (on the main process only).
     :param source: the ``init_from`` model (a loaded SD model), or None.
+    :param shards: how each step's global batch is drawn (:class:`difflab.training.Shards`);
+        fixed when the run starts, recorded in its checkpoints.
     """
 
     out: Path
@@ -57,6 +59,7 @@ class Run:
     facts: dict
     show: bool
     source: Optional[Any] = None
+    shards: int = 1
 
     @property
     def main(self) -> bool:

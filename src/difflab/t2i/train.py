@@ -9,13 +9,14 @@ Stages, all on the captioned digits (see :mod:`difflab.t2i.captions`), each in i
    (``OUT/checkpoints``, exported to ``OUT/unet`` and ``OUT/text_encoder``).
 
 ``OUT`` is then a diffusers-format SD folder. Every batch (images, captions, steps,
-noise) is a pure function of (seed, stage, step, process index)
-(:func:`difflab.t2i.stages.stage_generator`), so ``resume`` reproduces an uninterrupted run.
+noise) is a pure function of (seed, stage, step, shard) (:class:`difflab.training.Shards`
+on the stage's stream), so ``resume`` reproduces an uninterrupted run, also on another
+number of processes with the same global batch (docs/multi-process.md).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from difflab.data import BalancedDigits
 from difflab.io import PathLike, load_json, save_json
@@ -26,7 +27,7 @@ from difflab.t2i.diffusion import train_diffusion
 from difflab.t2i.model import build_tokenizer
 from difflab.t2i.stages import Run
 from difflab.t2i.vae import vae_stage
-from difflab.training import make_accelerator, resume_or_refuse
+from difflab.training import make_accelerator, resume_or_refuse, resume_shards
 
 __all__ = ["T2ITrainConfig", "config_changes", "train_t2i"]
 
@@ -39,11 +40,12 @@ def config_changes(old: T2ITrainConfig, new: T2ITrainConfig) -> dict:
     return {k: [a.get(k), b[k]] for k in sorted(b) if k not in NOT_A_CHANGE and a.get(k) != b[k]}
 
 
-def _resumed(existing: Optional[Path], cfg: T2ITrainConfig) -> tuple[int, list[float], dict]:
-    """(first diffusion step, losses so far, config changes) of a run resumed from
-    checkpoint ``existing`` (None: the diffusion stage starts afresh)."""
+def _resumed(existing: Optional[Path], cfg: T2ITrainConfig) -> tuple[int, list[float], dict, Optional[dict], int]:
+    """(first diffusion step, losses so far, config changes, the checkpoint's state, its
+    per-process batch) of a run resumed from checkpoint ``existing`` (None: the diffusion
+    stage starts afresh)."""
     if existing is None:
-        return 0, [], {}
+        return 0, [], {}, None, 0
     state = load_json(existing / "state.json")
     saved = T2ITrainConfig.from_dict(state["train_config"])
     if saved.model != cfg.model:
@@ -51,7 +53,7 @@ def _resumed(existing: Optional[Path], cfg: T2ITrainConfig) -> tuple[int, list[f
     if (saved.p_descriptor > 0) != (cfg.p_descriptor > 0):
         raise ValueError(f"--resume: {existing} was trained with p_descriptor {saved.p_descriptor}; a run cannot "
                          f"switch descriptor captions on or off (asked for {cfg.p_descriptor})")
-    return int(state["step"]), list(state["losses"]), config_changes(saved, cfg)
+    return int(state["step"]), list(state["losses"]), config_changes(saved, cfg), state, saved.batch_size
 
 
 def _load_init_source(folder: PathLike):
@@ -64,12 +66,14 @@ def _load_init_source(folder: PathLike):
 
 
 def _open_run(data_root: PathLike, out: Path, cfg: T2ITrainConfig, data: Optional[BalancedDigits], progress: bool,
-              fresh: bool) -> Run:
+              fresh: bool, shards: Callable[[int], int]) -> Run:
     """Accelerate, data, the init_from model (for a fresh run), ``OUT/train_config.json``,
-    the tokenizer (written to ``OUT/tokenizer``) and the facts of ``OUT/mini_sd.json``."""
+    the tokenizer (written to ``OUT/tokenizer``) and the facts of ``OUT/mini_sd.json``;
+    ``shards(world size)`` is the run's shard count (or raises why it cannot continue)."""
     from transformers import CLIPTokenizer
 
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
+    count = shards(accelerator.num_processes)
     source = _load_init_source(cfg.init_from) if cfg.init_from and fresh else None
     show = progress and accelerator.is_main_process
     if data is None:
@@ -81,7 +85,7 @@ def _open_run(data_root: PathLike, out: Path, cfg: T2ITrainConfig, data: Optiona
     accelerator.wait_for_everyone()
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
     facts: dict = load_json(out / "mini_sd.json") if (out / "mini_sd.json").is_file() else {}
-    return Run(out, cfg, accelerator, data, tokenizer, facts, show, source)
+    return Run(out, cfg, accelerator, data, tokenizer, facts, show, source, count)
 
 
 def train_t2i(
@@ -93,17 +97,24 @@ def train_t2i(
     stop_at: Optional[int] = None,
     data: Optional[BalancedDigits] = None,
     progress: bool = True,
+    shards: Optional[int] = None,
 ) -> list[float]:
     """Train (or resume) the mini model into ``out``; returns the diffusion-stage losses.
 
+    Under ``accelerate launch``/``torchrun`` every process runs this; the batch sizes are
+    per process, and only the main process writes.
+
     :param stop_at: stop after this many diffusion steps (the LR schedule still follows
         ``cfg.steps``), e.g. to test resumption.
+    :param shards: draw each step's global batch as this many shards (None: one per
+        process; :class:`difflab.training.Shards`); a resumed run keeps its own.
     """
     cfg.validate()
     out = Path(out)
     existing = resume_or_refuse(out, resume, started=("vae",))
-    start, losses, changed = _resumed(existing, cfg)
-    run = _open_run(data_root, out, cfg, data, progress, fresh=existing is None)
+    start, losses, changed, saved, saved_batch = _resumed(existing, cfg)
+    run = _open_run(data_root, out, cfg, data, progress, fresh=existing is None,
+                    shards=lambda world: resume_shards(existing, saved, world, cfg.batch_size, saved_batch, shards))
     if changed:  # a leg with other options: keep the history, train_config holds only the newest
         run.facts["legs"] = run.facts.get("legs", []) + [{"from_step": start, "changed": changed}]
     latents, scale = vae_stage(run)

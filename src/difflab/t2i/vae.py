@@ -17,9 +17,9 @@ from torch.nn import functional as F
 from difflab.data import BalancedDigits
 from difflab.io import load_json
 from difflab.t2i.config import T2ITrainConfig
-from difflab.t2i.model import IMAGE_SIZE, build_vae, save_folder
-from difflab.t2i.stages import Run, Stage, copy_weights, init_seed, stage_generator
-from difflab.training import Loop, cosine_lr, run_loop, seeded_init
+from difflab.t2i.model import IMAGE_SIZE, MiniConfig, build_vae, save_folder
+from difflab.t2i.stages import STREAMS, Run, Stage, copy_weights, init_seed
+from difflab.training import Loop, Shards, check_agreement, cosine_lr, module_tensors, run_loop, seeded_init
 
 VAE_WARMUP_MAX = 200  # warm-up steps: a tenth of the run, at most this many
 VAE_WARMUP_DIVISOR = 10
@@ -34,38 +34,71 @@ def to_model_size(x: Tensor) -> Tensor:
     return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
+def latent_shape(cfg: MiniConfig) -> tuple[int, int, int]:
+    """[C, h, w] of one image's latent."""
+    side = IMAGE_SIZE // 2 ** (len(cfg.vae_channels) - 1)
+    return cfg.latent_channels, side, side
+
+
 def vae_loss(vae, x: Tensor, generator: torch.Generator, kl_weight: float) -> tuple[Tensor, Tensor]:
-    """(total, reconstruction MSE) of one batch."""
+    """(total, reconstruction MSE) of one batch, the posterior sample's noise drawn from ``generator``."""
     post = vae.encode(x).latent_dist
-    z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator).to(x.device, post.mean.dtype)
+    return _vae_loss(vae, x, post, torch.randn(post.mean.shape, generator=generator), kl_weight)
+
+
+def _vae_loss(vae, x: Tensor, post, eps: Tensor, kl_weight: float) -> tuple[Tensor, Tensor]:
+    """(total, reconstruction MSE) of one batch whose posterior ``post`` is sampled with noise ``eps``."""
+    z = post.mean + post.std * eps.to(x.device, post.mean.dtype)
     rec = vae.decode(z).sample
     mse = F.mse_loss(rec.float(), x.float())
     kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).mean()
     return mse + kl_weight * kl, mse
 
 
-def train_vae(data: BalancedDigits, cfg: T2ITrainConfig, accelerator, progress: bool) -> tuple[torch.nn.Module, dict]:
-    """Train a VAE for ``cfg.vae_steps`` steps; returns it frozen, and facts for mini_sd.json."""
+class VAEStep(torch.nn.Module):
+    """Encode, sample the posterior with the given noise, decode, as one ``forward``: the
+    call that ``DistributedDataParallel`` hooks to average the gradients over processes
+    (``vae.encode``/``vae.decode`` called on the wrapper would bypass it)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, eps: Tensor, kl_weight: float) -> tuple[Tensor, Tensor]:
+        return _vae_loss(self.vae, x, self.vae.encode(x).latent_dist, eps, kl_weight)
+
+
+def train_vae(data: BalancedDigits, cfg: T2ITrainConfig, accelerator, progress: bool,
+              shards: int = 1) -> tuple[torch.nn.Module, dict]:
+    """Train a VAE for ``cfg.vae_steps`` steps; returns it frozen, and facts for mini_sd.json.
+
+    Each step's batch (images and the posterior sample's noise) is ``shards`` shards of
+    the stage's stream (:class:`difflab.training.Shards`), ``cfg.vae_batch_size`` rows per process.
+    """
     with seeded_init(init_seed(cfg.seed, Stage.VAE)):
         vae = build_vae(cfg.model)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    vae, opt = accelerator.prepare(vae, opt)
-    rank = accelerator.process_index
+    step_net, opt = accelerator.prepare(VAEStep(vae), opt)
+    rows = Shards(shards, cfg.vae_batch_size, accelerator.num_processes, accelerator.process_index)
     warmup = min(VAE_WARMUP_MAX, cfg.vae_steps // VAE_WARMUP_DIVISOR + 1)
 
+    def draw(g: torch.Generator, n: int):
+        which, idx = data.draw(g, n)
+        return data.gather(which, idx)[0], torch.randn((n, *latent_shape(cfg.model)), generator=g)
+
     def loss_step(step: int):
-        g = stage_generator(cfg.seed, Stage.VAE, step, rank)
-        which, idx = data.draw(g, cfg.vae_batch_size)
-        x = to_model_size(data.gather(which, idx)[0]).to(accelerator.device)
+        images, eps = rows.draw(cfg.seed, step, draw, stream=int(Stage.VAE), streams=STREAMS)
+        x = to_model_size(images).to(accelerator.device)
         with accelerator.autocast():
-            loss, mse = vae_loss(vae, x, g, cfg.vae_kl_weight)
+            loss, mse = step_net(x, eps, cfg.vae_kl_weight)
         return loss, {"mse": mse.item()}
 
-    history = run_loop(Loop(accelerator, opt, loss_step, end=cfg.vae_steps, params=list(vae.parameters()),
+    history = run_loop(Loop(accelerator, opt, loss_step, end=cfg.vae_steps, params=list(step_net.parameters()),
                             lr=lambda step: cosine_lr(cfg.vae_lr, warmup, cfg.vae_steps, VAE_MIN_LR_RATIO, step),
                             grad_clip=cfg.grad_clip, show="mse", desc="t2i vae", progress=progress))
     recent = history.get("mse", [])[-FINAL_WINDOW:]
-    vae = accelerator.unwrap_model(vae).eval().requires_grad_(False)
+    vae = accelerator.unwrap_model(step_net).vae.eval().requires_grad_(False)
+    check_agreement(accelerator, module_tensors("vae", vae.state_dict()), "VAE weights after stage 1")
     return vae, {"vae_steps": cfg.vae_steps, "vae_final_mse": sum(recent) / max(1, len(recent))}
 
 
@@ -125,7 +158,7 @@ def vae_stage(run: Run) -> tuple[list[tuple[Tensor, Tensor]], float]:
         _copy_init_vae(run)
     trained = not (folder / "config.json").is_file()
     if trained:
-        vae, facts = train_vae(run.data, run.cfg, run.accelerator, run.show)
+        vae, facts = train_vae(run.data, run.cfg, run.accelerator, run.show, run.shards)
         run.facts.update(facts)
     else:
         vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True).float().eval().requires_grad_(False)
