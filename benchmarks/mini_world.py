@@ -27,14 +27,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from difflab.assets import SHIPPED_MINI_SD
 from difflab.data import BalancedDigits, read_csv
 from difflab.digits.evaluate import load_classifier
 from difflab.io import save_grid
-from difflab.assets import SHIPPED_MINI_SD
 from difflab.personalize.generate import image_seed
-from difflab.sd.sample import sample_images
-from difflab.sd.load import load_sd
 from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file
+from difflab.sd.load import load_sd
+from difflab.sd.sample import sample_images
 from difflab.t2i.captions import DIGIT_NAMES
 
 HERE = Path(__file__).resolve().parents[1]

@@ -75,7 +75,7 @@ def worker_generate(args, out: Path, world: int) -> dict:
 def worker(args) -> None:
     import torch
 
-    from difflab.training import launched_processes
+    from difflab.processes import launched_processes
 
     world = launched_processes()
     if world == 1:

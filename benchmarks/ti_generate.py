@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     dlog.set_verbosity_error(); tlog.set_verbosity_error(); dlog.disable_progress_bar(); tlog.disable_progress_bar()
 
     from difflab.personalize.generate import image_seed
-    from difflab.sd.sample import sample_images
     from difflab.sd.load import load_sd
+    from difflab.sd.sample import sample_images
     from difflab.testing import save_tiny_sd
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")

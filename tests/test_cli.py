@@ -163,7 +163,7 @@ def test_guidance_scale_reaches_the_digit_sampler_as_w(monkeypatch):
     (["digits", "train", "--steps", "0"], "--steps must be >= 1, got 0"),
     (["digits", "train", "--p-uncond-digit", "1.5"], "--p-uncond-digit must be in [0, 1], got 1.5"),
     (["digits", "train", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
-    (["digits", "train", "--channel-mults", "1", "0"], "--channel-mults must be >= 1, got 0"),
+    (["digits", "train", "--channel-mults", "1", "0"], "--channel-mults must be in [1, 64], got 0"),
     (["digits", "generate", "--clip-x0", "0"], "--clip-x0 must be > 0 or none, got 0.0"),
 ])
 def test_a_bad_range_exits_2_with_one_line_naming_the_flag(tmp_path, capsys, argv, message):
@@ -183,7 +183,7 @@ def test_library_validation_names_the_field():
     with pytest.raises(ValueError, match=r"^clip_x0 must be > 0 or none, got -1.0$"):
         SampleConfig(clip_x0=-1.0).validate()
     SampleConfig(clip_x0=None).validate()
-    with pytest.raises(ValueError, match=r"^patch must be >= 1, got 0$"):  # nested configs are checked too
+    with pytest.raises(ValueError, match=r"^patch must be in \[1, 28\], got 0$"):  # nested configs are checked too
         TrainConfig(model=DigitUNetConfig(patch=0)).validate()
 
 

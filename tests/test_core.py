@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.io import load_state_strict, load_tensors, save_tensors
 from difflab.guidance import cat_cond, guided
-from difflab.io import make_grid, save_png, load_png, to_uint8
+from difflab.io import load_png, load_state_strict, load_tensors, make_grid, save_png, save_tensors, to_uint8
 from difflab.sampling import ddim_sample, ddim_timesteps, ddpm_sample
 from difflab.schedule import NoiseSchedule, cosine_betas
 

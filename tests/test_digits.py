@@ -14,9 +14,9 @@ from difflab.cli import main
 from difflab.data import BalancedDigits, load_digit_set, read_csv
 from difflab.digits.generate import SampleConfig, course_plan, generate_course_set
 from difflab.digits.model_io import load_digit_model
-from difflab.training import latest_checkpoint
 from difflab.digits.train import TrainConfig, train
 from difflab.nets.digit_unet import DigitUNet, DigitUNetConfig
+from difflab.training import latest_checkpoint
 
 TINY = DigitUNetConfig(channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=8, patch=2)
 

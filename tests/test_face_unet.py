@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import SHARED
+from difflab.faces.model_io import load_face_unet, read_state_dict
 from difflab.nets.face_unet import (
     FaceDenoiser,
     FaceUNet,
@@ -15,7 +16,6 @@ from difflab.nets.face_unet import (
     SelfAttention,
     SinusoidalEmbedding,
 )
-from difflab.faces.model_io import load_face_unet, read_state_dict
 
 SPEC = SHARED / "specs" / "face_unet_state_dict.txt"
 requires_spec = pytest.mark.skipif(not SPEC.is_file(), reason=f"face UNet spec not present at {SPEC} (set DIFFLAB_SHARED)")

@@ -7,7 +7,12 @@ from torch import nn
 
 from difflab.data import DigitSet
 from difflab.digits.fidelity import (
-    PenultimateFeatures, balanced_real, fidelity, per_class_size, precision_recall, reference_and_floor,
+    PenultimateFeatures,
+    balanced_real,
+    fidelity,
+    per_class_size,
+    precision_recall,
+    reference_and_floor,
 )
 
 

@@ -55,8 +55,8 @@ def test_shipped_mini_model_draws_the_digit_it_is_asked_for():
     """The named MNIST-M digits (7 is never named in training, so it is left out) are
     read as that digit by the course's MNIST-M grader: a measured floor on a small sample."""
     from difflab.digits.evaluate import load_classifier
-    from difflab.sd.sample import sample_images
     from difflab.sd.load import load_sd
+    from difflab.sd.sample import sample_images
     from difflab.t2i.captions import DIGIT_NAMES
 
     sd = load_sd(MINI, device="cpu")

@@ -107,12 +107,11 @@ def test_resume_on_another_process_count_keeps_the_global_batch_or_refuses():
 
 # ---------------------------------------------------------------------- generation
 def test_two_processes_write_the_digit_files_of_one(tmp_path):
-    from test_digits import TINY
-
     from difflab.digits.generate import SampleConfig, generate_course_set
     from difflab.digits.model_io import load_digit_model
     from difflab.io import save_json, save_tensors
     from difflab.nets.digit_unet import DigitUNet
+    from test_digits import TINY
 
     model = tmp_path / "model"
     torch.manual_seed(0)
@@ -147,11 +146,10 @@ def generated_by_two(tmp_path_factory):
     """``faces generate`` (5 noises, batch 2; with eta 0 and 0.5) and ``ti generate`` (6 prompts
     x 2 images, batch 1) on two processes, in one launch: ``two_faces/``, ``two_faces_eta/``
     and ``two_ti/``; the launch's stderr in ``stderr.txt``."""
-    from test_ti_generate import PROMPTS
-
     from difflab.nets.face_unet import FaceUNet, FaceUNetConfig
     from difflab.sd.concepts import save_embedding
     from difflab.testing import save_tiny_sd
+    from test_ti_generate import PROMPTS
 
     root = tmp_path_factory.mktemp("mp_generate")
     torch.manual_seed(0)
@@ -243,10 +241,9 @@ def _compare_weights(a: Path, b: Path) -> float:
 
 
 def test_one_process_with_the_global_batch_follows_two(two_process_run, tmp_path):
-    from test_digits import TINY
-
     from difflab.data import BalancedDigits
     from difflab.digits.train import TrainConfig, train
+    from test_digits import TINY
 
     data = BalancedDigits.from_root(two_process_run / "data", cache_dir=tmp_path / "cache", progress=False)
     cfg = TrainConfig(steps=4, batch_size=8, warmup=1, ckpt_every=2, keep_checkpoints=0, sample_every=0, seed=3,
@@ -313,9 +310,8 @@ def trained_by_two(tmp_path_factory):
 
 
 def test_t2i_train_on_two_processes_follows_one(trained_by_two, tmp_path):
-    from test_t2i import tiny_cfg, tiny_data
-
     from difflab.t2i.train import train_t2i
+    from test_t2i import tiny_cfg, tiny_data
 
     state = _state(trained_by_two / "t2i", 2)
     assert state["world_size"] == 2 and state["shards"] == 2
@@ -327,11 +323,11 @@ def test_t2i_train_on_two_processes_follows_one(trained_by_two, tmp_path):
 
 def test_ti_train_on_two_processes_keeps_frozen_weights_and_follows_one(trained_by_two, tmp_path):
     from safetensors import safe_open
-    from test_textual_inversion import cfg_for
 
     from difflab.personalize import textual_inversion as ti
     from difflab.sd.concepts import read_embedding_file
     from difflab.sd.load import load_sd
+    from test_textual_inversion import cfg_for
 
     root = trained_by_two
     ranks = [json.loads((root / "ti" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -373,12 +369,11 @@ def _worker(job: str, root: str) -> int:
                 or main([str(a) for a in _ti_args(root) + ["--out", root / "two_ti"]]))
     if job != "train":
         raise SystemExit(f"unknown job {job!r}")
-    from test_t2i import tiny_cfg, tiny_data
-    from test_textual_inversion import cfg_for
-
     from difflab.personalize import textual_inversion as ti
     from difflab.sd.load import load_sd
     from difflab.t2i.train import train_t2i
+    from test_t2i import tiny_cfg, tiny_data
+    from test_textual_inversion import cfg_for
 
     train_t2i(None, root / "t2i", tiny_cfg(batch_size=2, vae_batch_size=2, **T2I), data=tiny_data(), progress=False)
     sd = load_sd(root / "sd")

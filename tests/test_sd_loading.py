@@ -15,7 +15,6 @@ from difflab.sd import load as sdmod
 from difflab.sd.load import UNetDenoiser, load_sd, read_config, schedule_from_config
 from difflab.testing import save_tiny_sd
 
-
 # ------------------------------------------------------------ diffusers -> CompVis keys
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]

@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.io import load_json, load_tensors
 from difflab.data import BalancedDigits, DigitSet
+from difflab.io import load_json, load_tensors
 from difflab.t2i.captions import (
-    DESCRIPTOR_MARK, DIGIT_NAMES, HELD_OUT_STYLE, VOCAB_WORDS, all_training_captions, caption, check_caption,
+    DESCRIPTOR_MARK,
+    DIGIT_NAMES,
+    HELD_OUT_STYLE,
+    VOCAB_WORDS,
+    all_training_captions,
+    caption,
+    check_caption,
     draw_captions,
 )
 from difflab.t2i.model import MiniConfig, build_tokenizer
@@ -157,8 +163,8 @@ def test_descriptor_aux_loss_is_added_and_its_parameters_train():
 
 
 def test_splice_replaces_only_the_mark(tmp_path):
-    from difflab.t2i.model import build_text_encoder
     from difflab.t2i.descriptor import splice_descriptors
+    from difflab.t2i.model import build_text_encoder
 
     tok = build_tokenizer(tmp_path, 24)
     text = build_text_encoder(TINY, tok).eval()
@@ -218,8 +224,8 @@ def trained(tmp_path_factory):
 
 
 def test_training_writes_a_loadable_sd_folder(trained):
-    from difflab.sd.sample import sample_images
     from difflab.sd.load import load_sd
+    from difflab.sd.sample import sample_images
 
     out, losses = trained
     assert len(losses) == 6 and all(np.isfinite(losses))
@@ -311,8 +317,8 @@ def test_vae_stage_learns(tmp_path):
     """Reconstruction error falls over 60 VAE steps on a fixed set of images."""
     from accelerate import Accelerator
 
-    from difflab.t2i.vae import to_model_size, train_vae, vae_loss
     from difflab.t2i.model import build_vae
+    from difflab.t2i.vae import to_model_size, train_vae, vae_loss
 
     data = tiny_data(n=8)
     cfg = tiny_cfg(vae_steps=60, vae_batch_size=8, vae_lr=2e-3)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HW2_DATA, requires_shared
 
+from conftest import HW2_DATA, requires_shared
 from difflab.io import read_course_json
 from difflab.personalize import generate as gen
 from difflab.sd import sample
-from difflab.sd.load import load_sd
 from difflab.sd.concepts import save_embedding
+from difflab.sd.load import load_sd
 from difflab.testing import save_tiny_sd
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,29 +47,59 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab"))
 
 
+def _name_problem(name: str) -> Optional[str]:
+    """Why ``name`` is not a file name inside ``data/`` (None when it is)."""
+    if not name:
+        return "it is empty"
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[/\\]", name):
+        return "it is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "it leaves data/ ('..')"
+    if any(ord(c) < 32 for c in name):
+        return "it holds a control character"
+    return None
+
+
 def read_csv(csv_path: Path) -> list[tuple[str, int]]:
-    """Parse ``image_name,label`` rows; labels must be integers in 0..9."""
+    """Parse ``image_name,label`` rows; labels must be integers in 0..9, names must lie
+    inside ``data/`` and each image is listed once. A byte-order mark (spreadsheet
+    programs save one) is accepted."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"missing label file: {csv_path} (expected 'image_name,label' rows)")
     rows: list[tuple[str, int]] = []
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
-            raise ValueError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{csv_path}:{lineno}: expected 'image_name,label', got {row!r}")
-            name, label = row[0].strip(), row[1].strip()
-            try:
-                value = int(label)
-            except ValueError:
-                raise ValueError(f"{csv_path}:{lineno}: label {label!r} of {name} is not an integer") from None
-            if not 0 <= value <= 9:
-                raise ValueError(f"{csv_path}:{lineno}: label {value} of {name} is outside 0-9")
-            rows.append((name, value))
+    first_line: dict[str, tuple[int, int]] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
+                raise ValueError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) < 2:
+                    raise ValueError(f"{csv_path}:{lineno}: expected 'image_name,label', got {row!r}")
+                name, label = row[0].strip(), row[1].strip()
+                problem = _name_problem(name)
+                if problem:
+                    raise ValueError(f"{csv_path}:{lineno}: image name {name!r} is not a file in data/: {problem}")
+                try:
+                    value = int(label)
+                except ValueError:
+                    raise ValueError(f"{csv_path}:{lineno}: label {label!r} of {name} is not an integer") from None
+                if not 0 <= value <= 9:
+                    raise ValueError(f"{csv_path}:{lineno}: label {value} of {name} is outside 0-9")
+                if name in first_line:
+                    line, old = first_line[name]
+                    how = f"with label {old} and again with label {value}" if old != value else "twice"
+                    raise ValueError(f"{csv_path}:{lineno}: image {name} is listed {how} (first on line {line}); "
+                                     "list each image once")
+                first_line[name] = (lineno, value)
+                rows.append((name, value))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{csv_path} is not UTF-8 text: {e}") from None
+    except csv.Error as e:
+        raise ValueError(f"{csv_path}: not a readable csv file: {e}") from None
     if not rows:
         raise ValueError(f"{csv_path}: no images listed")
     return rows

@@ -19,6 +19,7 @@ training steps t (sigma grows with t), ``interval=(t_lo, t_hi)``, both ends incl
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -94,11 +95,14 @@ def guided(
         usual doubled batch (2B); mixed, one batch of B + (rows inside). Deciding this reads
         ``t`` back to the host once per call (a device sync on GPU). ``None`` (default)
         guides every step, exactly as without the option.
+    :raises ValueError: for a ``scale`` that is NaN or infinite.
     :return: a Denoiser with the same signature. At ``scale == 0`` it is ``denoiser``
         itself (no second pass). Otherwise conditional and unconditional halves run in
         one doubled batch.
     """
     bounds = _check_interval(interval)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be a finite number, got {scale!r}")
     if scale == 0:
         return denoiser
 

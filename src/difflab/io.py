@@ -6,7 +6,10 @@
 - images: the one suffix list, listing, opening with an error that names the file,
   tensor <-> PNG with torchvision ``save_image`` rounding, grids;
 - caption/prompt template files (``read_templates``) and the course ``input.json``
-  (``read_course_json``, one ``Concept``).
+  (``read_course_json``, one ``Concept``);
+- checks before the expensive work: outputs that can be written (``check_output``),
+  values that are finite (``check_finite``), tensors no larger than what the file
+  stores (``check_tensor_size``, ``load_tensor_file``).
 
 ``save_image`` semantics: a float image in [0, 1] becomes
 ``uint8(clamp(x * 255 + 0.5, 0, 255))`` (round half up, then truncate).
@@ -22,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,6 +33,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 PathLike = Union[str, os.PathLike]
+
+
+class InputWarning(UserWarning):
+    """Input that is used, but not all of it (words cut from a prompt, ...); the CLI
+    prints it as one ``difflab: warning: ...`` line."""
+
 
 # Every image reader of the project lists these (any case): the course grader's
 # extensions plus .webp for concept photos.
@@ -80,6 +89,39 @@ def staged_dir(final: Path, prefix: Optional[str] = None) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------- output checks
+def check_output(path: PathLike, kind: str = "dir", what: str = "output") -> Path:
+    """Check, before any expensive work, that ``path`` can be written as a folder
+    (``kind="dir"``) or a file (``kind="file"``): it is not the other kind, no folder
+    above it is a file, it is not a dangling or looping link, and the nearest existing
+    folder accepts a new file (probed with a temporary file that is removed at once).
+    Errors name ``what`` and the path; returns ``path``."""
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
+    path = Path(path)
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise ValueError(f"{what} {path} is a broken symbolic link or a symbolic-link loop")
+    if path.exists():
+        if kind == "dir" and not path.is_dir():
+            raise ValueError(f"{what} {path} is a file; expected a folder")
+        if kind == "file" and path.is_dir():
+            raise ValueError(f"{what} {path} is a folder; expected a file path")
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists():
+        if os.path.lexists(existing):
+            raise ValueError(f"{what} {path}: {existing} is a broken symbolic link or a symbolic-link loop")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} lies under {existing}, which is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".difflab-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {existing}: {e.strerror or e}") from None
+    return path
+
+
 # ----------------------------------------------------------------- JSON and weights
 def save_json(obj: Any, path: PathLike) -> None:
     """Write JSON atomically (temp file, then rename)."""
@@ -87,14 +129,33 @@ def save_json(obj: Any, path: PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def load_json(path: PathLike) -> Any:
+    """A JSON file; invalid JSON and a key given twice in one object (the second would
+    silently win) are errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing JSON file: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: key {e.args[0]!r} appears twice in one object") from None
 
 
 def save_tensors(tensors: Mapping[str, Tensor], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
@@ -141,19 +202,50 @@ def describe_mismatch(module: nn.Module, state: Mapping[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
+def check_finite(tensors: Mapping[str, Tensor], source: Any, what: str = "tensor") -> None:
+    """Raise ValueError naming ``source`` and the first entry that holds NaN or an
+    infinity (a network with such weights computes garbage without an error)."""
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source}: {what} {name!r} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
+
+
+def check_fits(build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: PathLike) -> None:
+    """Build a network with ``build()`` on the meta device (no memory, no init) and raise
+    ValueError naming ``source`` unless ``state`` fits it exactly. Call it before building
+    the real network from sizes read off a file: widths that claim a network far larger
+    than the file's weights are then refused instead of allocated."""
+    with torch.device("meta"):
+        shell = build()
+    problem = describe_mismatch(shell, state)
+    if problem:
+        have = sum(v.numel() for v in state.values())
+        want = sum(v.numel() for v in shell.state_dict().values())
+        raise ValueError(f"{source} does not fit {type(shell).__name__}: {problem} (the network its config "
+                         f"describes has {want} values, the file {have})")
+
+
 def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: PathLike) -> None:
-    """``load_state_dict(strict=True)`` with an error naming the file and every mismatch."""
+    """``load_state_dict(strict=True)`` with an error naming the file and every mismatch;
+    weights holding NaN or infinities are refused too."""
     problem = describe_mismatch(module, state)
     if problem:
         raise ValueError(f"{source} does not fit {type(module).__name__}: {problem}")
+    check_finite(state, source, "weight")
     module.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------------------ images
 def to_uint8(img: Tensor) -> np.ndarray:
-    """[C, H, W] float in [0, 1] -> [H, W, C] uint8 with save_image rounding (C = 1 or 3)."""
+    """[C, H, W] float in [0, 1] -> [H, W, C] uint8 with save_image rounding (C = 1 or 3).
+    An image holding NaN or infinities is an error (it would become black pixels)."""
     if img.ndim != 3 or img.shape[0] not in (1, 3):
         raise ValueError(f"expected a [C, H, W] image with C in (1, 3), got shape {tuple(img.shape)}")
+    if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+        bad = int((~torch.isfinite(img)).sum())
+        raise ValueError(f"the image holds {bad} NaN or infinite values (the network's output is not a number); "
+                         "nothing is saved")
     arr = img.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
     return arr.permute(1, 2, 0).numpy()
 
@@ -172,8 +264,12 @@ def minmax_normalize(x: Tensor) -> Tensor:
 
 
 def save_png(img: Tensor, path: PathLike) -> None:
-    """Write one [C, H, W] image in [0, 1] as an 8-bit PNG, atomically."""
-    arr = to_uint8(img)
+    """Write one [C, H, W] image in [0, 1] as an 8-bit PNG, atomically; an image
+    holding NaN is refused, naming ``path``."""
+    try:
+        arr = to_uint8(img)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     mode = "L" if arr.shape[2] == 1 else "RGB"
     pil = Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode=mode)
     with atomic_path(path) as tmp:
@@ -206,13 +302,21 @@ def load_png(path: PathLike, size: tuple[int, int] | None = None) -> Tensor:
     return from_uint8(read_rgb(path, size))
 
 
-def list_images(folder: PathLike, what: str = "image folder") -> list[Path]:
-    """Image files directly in ``folder`` (``IMAGE_SUFFIXES``, any case), sorted by name.
-    ``what`` names the folder in the error when it does not exist."""
+def list_files(folder: PathLike, suffixes: Sequence[str], what: str = "folder") -> list[Path]:
+    """Files directly in ``folder`` whose suffix is one of ``suffixes`` in any case
+    (``01.PT`` is a ``.pt`` file), sorted by name. ``what`` names the folder in the error
+    when it does not exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    wanted = {s.lower() for s in suffixes}
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in wanted)
+
+
+def list_images(folder: PathLike, what: str = "image folder") -> list[Path]:
+    """Image files directly in ``folder`` (``IMAGE_SUFFIXES``, any case), sorted by name.
+    ``what`` names the folder in the error when it does not exist."""
+    return list_files(folder, IMAGE_SUFFIXES, what)
 
 
 def make_grid(images: Union[Tensor, Sequence[Tensor]], nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> Tensor:
@@ -290,6 +394,41 @@ def _torch_load(path: Path, inert_fallback: bool) -> Any:
         raise ValueError(f"cannot read {path} as a PyTorch state dict: {type(e).__name__}: {_first_line(e)}") from None
 
 
+def check_tensor_size(t: Tensor, where: str, max_elements: Optional[int] = None) -> None:
+    """Refuse a tensor read from a file that claims more values than the file stores (a
+    view with stride 0 or overlapping strides: a few bytes on disk can claim [3, 100000,
+    100000], and the first copy allocates all of it), or more than ``max_elements``.
+    ``where`` names the file and entry in the error."""
+    stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    shape = list(t.shape)
+    if t.numel() > stored:
+        raise ValueError(f"{where} claims shape {shape} ({t.numel()} values) but the file stores only {stored}; "
+                         "refusing a tensor larger than its storage")
+    if max_elements is not None and t.numel() > max_elements:
+        raise ValueError(f"{where} has shape {shape} ({t.numel()} values), more than the {max_elements} allowed")
+
+
+def load_tensor_file(path: PathLike, what: str = "tensor file", max_elements: int = 1 << 26,
+                     expected: str = "a tensor") -> Tensor:
+    """One tensor saved with ``torch.save``, read safely (``weights_only=True``, on the
+    CPU) and bounded: a tensor larger than what the file stores, or than
+    ``max_elements`` (default 2**26, 256 MB of float32), is refused before anything is
+    computed from it. Errors name ``path`` and ``what``; ``expected`` describes the
+    tensor wanted when the file holds something else ("a [3, H, W] float tensor")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {what}: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: expected a tensor saved with torch.save ({what}), cannot read it: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(obj, Tensor):
+        raise ValueError(f"{path}: expected {expected}, got a {type(obj).__name__}")
+    check_tensor_size(obj, str(path), max_elements)
+    return obj
+
+
 def load_torch_state(path: PathLike, what: str = "checkpoint", *, inert_fallback: bool = False,
                      drop_non_tensors: bool = False) -> dict[str, Tensor]:
     """The flat ``name -> tensor`` mapping of a foreign weights file, read safely.
@@ -316,6 +455,8 @@ def load_torch_state(path: PathLike, what: str = "checkpoint", *, inert_fallback
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"{path}: expected a state dict of tensors, but {len(bad)} entries are not, e.g. {bad[0]!r}")
+    for k, v in obj.items():
+        check_tensor_size(v, f"{path}: entry {k!r}")
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -365,6 +506,19 @@ class Concept:
     baselines: Tuple[Tuple[float, float], ...] = ()
 
 
+def _folder_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be one folder name inside an output folder (None if it can)."""
+    if not name or not name.strip():
+        return "it is empty"
+    if any(c in name for c in "/\\"):
+        return "it holds a path separator"
+    if name in (".", ".."):
+        return "it names a folder outside"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds a control character"
+    return None
+
+
 def _string_list(value: Any, where: str, name: str) -> Tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
         raise ValueError(f"{where}: {name!r} must be a non-empty list of strings, got {value!r}")
@@ -375,8 +529,9 @@ def _course_concept(path: Path, key: str, entry: Any, need: str) -> Concept:
     where = f"{path}: concept {key!r}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
-    if any(c in key for c in "/\\") or key in (".", ".."):
-        raise ValueError(f"{path}: concept key {key!r} cannot be a folder name")
+    problem = _folder_name_problem(key)
+    if problem:
+        raise ValueError(f"{path}: concept key {key!r} cannot be a folder name: {problem}")
     required = ("token_name", "prompt") if need == "generate" else ("prompt_4_clip_eval", "baseline")
     for name in required:
         if name not in entry:
@@ -396,7 +551,11 @@ def _course_concept(path: Path, key: str, entry: Any, need: str) -> Concept:
             if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(v, (int, float)) for v in b)):
                 raise ValueError(f"{where}: each baseline must be [image_baseline, text_baseline], got {b!r}")
         pairs = tuple((float(b[0]), float(b[1])) for b in base)
-    return Concept(key, str(token), prompts, str(entry.get("src_image", key)), eval_prompts, pairs)
+    src_image = entry.get("src_image", key)
+    problem = _folder_name_problem(src_image) if isinstance(src_image, str) else "it is not a string"
+    if problem:
+        raise ValueError(f"{where}: 'src_image' must be a folder name, got {src_image!r} ({problem})")
+    return Concept(key, str(token), prompts, src_image, eval_prompts, pairs)
 
 
 def read_course_json(path: PathLike, need: str = "generate") -> list[Concept]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import MISSING, dataclass
@@ -85,6 +86,8 @@ def _complaint(meta: Mapping[str, Any], v: Any, optional: bool) -> Optional[str]
     lo, hi, above, choices = meta.get("minimum"), meta.get("maximum"), meta.get("above"), meta.get("choices")
     if choices is not None and v not in choices:
         return "must be one of " + ", ".join(str(c) for c in choices)
+    if isinstance(v, float) and not math.isfinite(v):
+        return "must be a finite number"
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         if lo is not None and hi is not None and not lo <= v <= hi:
             return f"must be in [{_bound(lo)}, {_bound(hi)}]"
@@ -212,6 +215,18 @@ def _plain(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- argparse
+class _Extend(argparse.Action):
+    """Several values that accumulate: ``--x A B`` and ``--x A --x B`` both give
+    [A, B]. The first use replaces the default; later uses add to it (argparse's
+    ``store`` would silently keep only the last use)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if current is self.default or current is None:
+            current = []
+        setattr(namespace, self.dest, list(current) + list(values))
+
+
 class _Switch(argparse.BooleanOptionalAction):
     """``--x / --no-x`` whose help shows the default in this module's one style."""
 
@@ -250,6 +265,8 @@ def _argument(f: dataclasses.Field, tp: Any, optional: bool) -> Tuple[list, dict
         elem, length = seq
         kw["type"] = _parser_for(elem, False)
         kw["nargs"] = length or meta.get("nargs") or ("+" if default else "*")
+        if not length and not meta.get("positional"):
+            kw["action"] = _Extend
     else:
         kw["type"] = _parser_for(tp, optional)
     if meta.get("choices") is not None:
@@ -283,8 +300,9 @@ def add_config_args(parser: Any, cls: type, *, skip: Sequence[str] = ()) -> None
     to ``parser`` (a parser or an argument group). Fields in ``skip`` stay off.
 
     Types come from the annotations: ``Optional[X]`` accepts ``none`` for numbers,
-    tuples and lists take several values, ``bool`` is ``--x`` (default off) or
-    ``--x/--no-x`` (default on). A field without a default is a required option.
+    tuples and lists take several values (a repeated option adds to them), ``bool``
+    is ``--x`` (default off) or ``--x/--no-x`` (default on). A field without a default
+    is a required option.
     Declaring an option twice is an error unless both are the same shared option.
     """
     existing = {a.dest: a for a in parser._actions}

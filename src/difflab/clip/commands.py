@@ -89,9 +89,11 @@ def _load_clip(run: ClipRun):
 
 def _score(args: argparse.Namespace) -> int:
     from difflab.clip import score as S
-    from difflab.io import save_json
+    from difflab.io import check_output, save_json
 
     opts, run = config_from_args(ScoreRun, args), config_from_args(ClipRun, args)
+    if opts.out:
+        check_output(opts.out, "file", "--out")
     concepts = S.load_spec(opts.json)
     S.plan_scoring(concepts, opts.concepts, opts.images)  # fail on missing folders before loading CLIP
     clip = _load_clip(run)
@@ -113,11 +115,13 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from difflab.clip import zeroshot as Z
-    from difflab.io import save_json
+    from difflab.io import check_output, save_json
 
     opts, run = config_from_args(ZeroshotRun, args), config_from_args(ClipRun, args)
     if opts.cases and not opts.out:
         raise ValueError("--cases needs --out, the folder the cases are written to")
+    if opts.out:
+        check_output(opts.out, "dir", "--out")
     id2label = Z.load_id2label(opts.id2label)
     Z.list_labelled_images(opts.val, id2label)  # fail on bad names before loading CLIP
     templates = Z.resolve_templates(opts.templates) if opts.templates else None

@@ -101,6 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                 help="copy a run's newest EMA weights into a small model folder (what ships)")
 
 
+def _check_out(out: str) -> None:
+    """Fail now, not after the work, when the output folder cannot be written."""
+    from difflab.io import check_output
+
+    check_output(out, "dir", "--out")
+
+
 def _load(ckpt: Optional[str], device: str):
     from difflab.devices import resolve_device
     from difflab.digits.model_io import SHIPPED_DIR, load_digit_model
@@ -115,6 +122,7 @@ def _train(args: argparse.Namespace) -> int:
     from difflab.digits.train import train
 
     run, cfg = config_from_args(TrainRun, args), config_from_args(TrainConfig, args)
+    _check_out(run.out)
     train(run.data, run.out, cfg, resume=run.resume, progress=not run.quiet, sample_fn=training_sample_fn)
     return 0
 
@@ -122,11 +130,14 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from difflab.digits.config import SampleConfig
     from difflab.digits.generate import generate_course_set
+    from difflab.processes import main_process
 
     run, cfg = config_from_args(GenerateRun, args), config_from_args(SampleConfig, args)
+    _check_out(run.out)
     net, schedule = _load(run.ckpt, cfg.device)
     seconds = generate_course_set(net, schedule, run.out, cfg, per_class=run.per_class, progress=not run.quiet)
-    print(f"wrote {2 * 10 * run.per_class} images to {run.out} in {seconds:.1f} s")
+    if main_process():  # every launched process runs the command; the main one reports
+        print(f"wrote {2 * 10 * run.per_class} images to {run.out} in {seconds:.1f} s")
     return 0
 
 
@@ -152,6 +163,7 @@ def _figures(args: argparse.Namespace) -> int:
     from difflab.digits.figures import write_figures
 
     run, cfg = config_from_args(FiguresRun, args), config_from_args(SampleConfig, args)
+    _check_out(run.out)
     net, schedule = _load(run.ckpt, cfg.device)
     for path in write_figures(net, schedule, run.out, cfg):
         print(path)
@@ -165,6 +177,7 @@ def _export(args: argparse.Namespace) -> int:
     from difflab.io import atomic_path, load_json, save_json
 
     run = config_from_args(ExportRun, args)
+    _check_out(run.out)
     src, out = resolve_model_dir(run.run), Path(run.out)
     meta = load_json(src / "config.json")
     out.mkdir(parents=True, exist_ok=True)

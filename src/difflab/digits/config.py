@@ -53,7 +53,7 @@ class SampleConfig(Config):
         4.0, ". The course writes the same rule with w = S - 1: eps = (1 + w) eps_cond - w eps_uncond, so S 4 is w 3")
     guidance_interval: Optional[Tuple[int, int]] = option(
         None, "apply guidance only at training steps t in [LO, HI] and the conditional model alone elsewhere "
-        "(Kynkaanniemi et al. 2024); none: at every step", metavar=("LO", "HI"))
+        "(Kynkaanniemi et al. 2024); none: at every step", metavar=("LO", "HI"), minimum=0)
     guide_on: str = option("both", "which condition the unconditional branch drops", choices=GUIDE_ON)
     eta: float = option(0.0, "DDIM eta (0: deterministic)", minimum=0.0)
     clip_x0: Optional[float] = option(1.0, "clip the predicted x0 to [-C, C] at each step (none: no clipping)",
@@ -61,3 +61,8 @@ class SampleConfig(Config):
     batch_size: int = option(500, "images per forward batch (doubled for guidance)", minimum=1)
     seed: int = seed_option()
     device: str = device_option()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.guidance_interval is not None and self.guidance_interval[0] > self.guidance_interval[1]:
+            raise ValueError(f"guidance_interval must be (LO, HI) with LO <= HI, got {tuple(self.guidance_interval)}")

@@ -21,9 +21,9 @@ from difflab.digits.config import SampleConfig
 from difflab.guidance import guided
 from difflab.io import PathLike, save_png
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
+from difflab.processes import Processes, publish_folder
 from difflab.sampling import run_sampler, spaced_timesteps
 from difflab.schedule import NoiseSchedule
-from difflab.training import Processes, publish_folder
 
 
 def null_condition(guide_on: str) -> Callable:

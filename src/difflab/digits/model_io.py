@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.assets import SHIPPED_DIGITS
-from difflab.io import PathLike, load_json, load_state_strict, load_tensors
+from difflab.io import PathLike, check_fits, load_json, load_state_strict, load_tensors
 from difflab.nets.digit_unet import DigitUNet, DigitUNetConfig
 from difflab.schedule import NoiseSchedule
 from difflab.training import latest_checkpoint
 
 SHIPPED_DIR = SHIPPED_DIGITS
+MAX_TRAIN_STEPS = 100_000  # a bound on the diffusion steps T a config.json may claim (the course: 1000)
 
 
 def resolve_model_dir(path: PathLike) -> Path:
@@ -29,7 +30,13 @@ def resolve_model_dir(path: PathLike) -> Path:
         return p
     latest = latest_checkpoint(p)
     if latest is not None:
+        for name in ("config.json", "model.safetensors"):
+            if not (latest / name).is_file():
+                raise FileNotFoundError(f"missing {latest / name}: the newest checkpoint of run {p} is incomplete")
         return latest
+    for have, missing in (("config.json", "model.safetensors"), ("model.safetensors", "config.json")):
+        if (p / have).is_file():
+            raise FileNotFoundError(f"missing {p / missing}: a digit model folder holds config.json and model.safetensors")
     raise FileNotFoundError(
         f"{p} is not a digit model: expected config.json and model.safetensors, or a training run "
         "folder with checkpoints/step_*"
@@ -37,14 +44,31 @@ def resolve_model_dir(path: PathLike) -> Path:
 
 
 def load_digit_model(path: PathLike = SHIPPED_DIR, device="cpu", weights: str = "ema") -> tuple[DigitUNet, NoiseSchedule, dict]:
-    """Load a digit UNet and its schedule. ``weights`` is ``ema`` or ``raw`` (run checkpoints hold both)."""
+    """Load a digit UNet and its schedule. ``weights`` is ``ema`` or ``raw`` (run checkpoints hold both).
+
+    Every error names the file at fault. The network is checked against the weights on
+    the meta device before it is built, so a ``config.json`` claiming a huge network is
+    refused without allocating it; weights holding NaN or infinities are refused.
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     d = resolve_model_dir(path)
-    meta = load_json(d / "config.json")
-    if "model" not in meta:
-        raise ValueError(f"{d / 'config.json'} has no 'model' section")
-    net = DigitUNet(DigitUNetConfig.from_dict(meta["model"]))
-    fname = "model.safetensors" if weights == "ema" else "raw.safetensors"
-    state = load_tensors(d / fname)
-    load_state_strict(net, state, d / fname)
-    schedule = NoiseSchedule.from_name(meta.get("schedule", "linear"), int(meta.get("num_train_steps", 1000)))
+    config_file = d / "config.json"
+    meta = load_json(config_file)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{config_file}: expected an object with a 'model' section")
+    try:
+        cfg = DigitUNetConfig.from_dict(meta["model"])
+        cfg.validate()
+        schedule_name, steps = meta.get("schedule", "linear"), meta.get("num_train_steps", 1000)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_STEPS:
+            raise ValueError(f"num_train_steps must be an integer in [1, {MAX_TRAIN_STEPS}], got {steps!r}")
+        schedule = NoiseSchedule.from_name(schedule_name, steps)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    fname = d / ("model.safetensors" if weights == "ema" else "raw.safetensors")
+    state = load_tensors(fname)
+    check_fits(lambda: DigitUNet(cfg), state, fname)
+    net = DigitUNet(cfg)
+    load_state_strict(net, state, fname)
     return net.to(device).eval(), schedule, meta

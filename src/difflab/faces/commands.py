@@ -63,7 +63,8 @@ class EtaGridRun(Inputs):
 class InterpolateRun(Inputs):
     out: str = out_option("output folder: interpolation.png, slerp.png, lerp.png")
     pair: tuple[str, str] = option(("00", "01"), "the two noise stems", metavar=("A", "B"))
-    alphas: tuple[float, ...] = option((), "interpolation weights (none given: 0.0, 0.1, ..., 1.0)")
+    alphas: tuple[float, ...] = option((), "interpolation weights in [0, 1] (none given: 0.0, 0.1, ..., 1.0)",
+                                       minimum=0.0, maximum=1.0)
     batch_size: int = option(11, "images sampled together (11: one row of eleven alphas per batch)", minimum=1)
 
 
@@ -99,11 +100,14 @@ def register(subparsers) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from difflab.faces.generate import FaceSampling, generate_dir
+    from difflab.processes import main_process
 
     io, recipe, run = config_from_args(GenerateRun, args), config_from_args(FaceSampling, args), config_from_args(Run, args)
+    _check_out(io.out, "dir")
     paths = generate_dir(io.noise, io.out, io.unet, recipe, batch_size=io.batch_size, device=run.device, seed=run.seed,
                          progress=not run.quiet)
-    print(f"wrote {len(paths)} images to {io.out}")
+    if main_process():  # every launched process runs the command; the main one reports
+        print(f"wrote {len(paths)} images to {io.out}")
     return 0
 
 
@@ -117,6 +121,13 @@ def _mse(args: argparse.Namespace) -> int:
     mean = sum(scores.values()) / len(scores)
     print(f"mean\t{mean:.4f}\t({len(scores)} images, max {run.max:g}: {'ok' if mean <= run.max else 'FAIL'})")
     return 0 if mean <= run.max else 1
+
+
+def _check_out(out: str, kind: str) -> None:
+    """Fail now, not after sampling, when the output cannot be written."""
+    from difflab.io import check_output
+
+    check_output(out, kind, "--out")
 
 
 def _load(inputs: Inputs, names, device: str):
@@ -135,6 +146,7 @@ def _eta_grid(args: argparse.Namespace) -> int:
 
     io, run = config_from_args(EtaGridRun, args), config_from_args(Run, args)
     recipe, etas = config_from_args(FaceSampling, args, skip=("eta",)), io.etas or DEFAULT_ETAS
+    _check_out(io.out, "file")
     noise, den, dev = _load(io, io.names, run.device)
     save_eta_grid(eta_grid(den, noise, etas, recipe, seed=run.seed, device=dev, progress=not run.quiet), io.out)
     print(f"wrote {io.out}: rows eta {', '.join(f'{e:g}' for e in etas)}; columns {', '.join(io.names)}")
@@ -147,6 +159,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 
     io, recipe, run = config_from_args(InterpolateRun, args), config_from_args(FaceSampling, args), config_from_args(Run, args)
     alphas = io.alphas or DEFAULT_ALPHAS
+    _check_out(io.out, "dir")
     noise, den, dev = _load(io, io.pair, run.device)
     z0, z1 = noise[0:1], noise[1:2]
     for method in ("slerp", "lerp"):

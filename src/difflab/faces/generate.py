@@ -19,11 +19,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from difflab.io import PathLike, minmax_normalize, save_png
+from difflab.io import PathLike, list_files, load_tensor_file, minmax_normalize, save_png
 from difflab.options import Config, option
+from difflab.processes import Processes, publish_folder
 from difflab.sampling import Denoiser, ddim_sample, ddim_timesteps
 from difflab.schedule import NoiseSchedule
-from difflab.training import Processes, publish_folder
 
 NORMALIZE = ("minmax", "clamp")
 
@@ -68,14 +68,7 @@ class FaceSampling(Config):
 def load_noise(path: PathLike) -> Tensor:
     """One noise file -> a [3, H, W] float32 tensor. Accepts [1, 3, H, W] or [3, H, W]."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"missing noise file: {path}") from None
-    except Exception as e:
-        raise ValueError(f"{path}: expected a tensor saved with torch.save, cannot read it ({type(e).__name__})") from None
-    if not isinstance(obj, Tensor):
-        raise ValueError(f"{path}: expected a [1, 3, H, W] or [3, H, W] float tensor, got a {type(obj).__name__}")
+    obj = load_tensor_file(path, "noise file", expected="a [1, 3, H, W] or [3, H, W] float tensor")
     if not obj.is_floating_point():
         raise ValueError(f"{path}: expected a float tensor, got dtype {obj.dtype}")
     shape = tuple(obj.shape)
@@ -95,7 +88,7 @@ def load_noise_dir(folder: PathLike, names: Optional[Sequence[str]] = None) -> t
     if not folder.is_dir():
         raise FileNotFoundError(f"noise folder not found: {folder}")
     if names is None:
-        files = sorted(p for p in folder.glob("*.pt") if p.is_file())
+        files = list_files(folder, (".pt",), "noise folder")
         if not files:
             raise ValueError(f"{folder}: no noise files (*.pt) in this folder")
     else:

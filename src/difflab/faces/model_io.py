@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 import torch
 
-from difflab.io import PathLike, load_state_strict, load_torch_state
+from difflab.io import PathLike, check_fits, load_state_strict, load_torch_state
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig
 
 
@@ -24,10 +24,14 @@ def load_face_unet(
 
     Without ``config`` the widths are read off the file (the course file gives the
     default config). A file for another network raises ``ValueError`` naming the file,
-    the missing keys, the unexpected keys and the shape conflicts.
+    the missing keys, the unexpected keys and the shape conflicts; it is found on a
+    network built on the meta device, so widths read off a hostile file (a first weight
+    claiming 4096 channels) are refused before the network is allocated. Weights
+    holding NaN or infinities are refused.
     """
     state = read_state_dict(path)
     cfg = config or FaceUNetConfig.from_state_dict(state)
+    check_fits(lambda: FaceUNet(cfg), state, path)
     model = FaceUNet(cfg)
     load_state_strict(model, state, path)
     return model.to(device).eval().requires_grad_(False)

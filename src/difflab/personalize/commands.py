@@ -45,15 +45,16 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from difflab.personalize.config import GenerateConfig
     from difflab.personalize.generate import generate_from_json
+    from difflab.processes import main_process
     from difflab.sd.load import quiet_libraries
 
     cfg = config_from_args(GenerateConfig, args)
     quiet_libraries()
-    if cfg.sd is None:  # one line, also under --quiet: the images are not Stable Diffusion's
+    if cfg.sd is None and main_process():  # one line, also under --quiet: the images are not Stable Diffusion's
         print("difflab ti generate: no --sd given, so the shipped 32x32 mini digit model (difflab/assets/mini_sd) "
               "and its embeddings draw the prompts: Stable Diffusion v1.4's weights cannot ship with difflab; "
               "pass the checkpoint (hw2_3.sh's third argument) for the course's images", file=sys.stderr)
     paths = generate_from_json(cfg)
-    if not cfg.quiet:
+    if not cfg.quiet and main_process():  # every launched process runs the command; the main one reports
         print(f"wrote {len(paths)} images under {cfg.out}")
     return 0

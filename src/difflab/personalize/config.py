@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from difflab.io import read_templates
+from difflab.io import check_output, read_templates
 from difflab.options import (
     Config,
     device_option,
@@ -92,6 +92,8 @@ class TrainConfig(Config):
             read_templates(self.templates)
         if Path(self.out).suffix != ".safetensors":
             raise ValueError(f"out must end in .safetensors, got {self.out!r}")
+        check_output(self.out, "file", "out")
+        check_distinct_files(self.embeddings, "embeddings")
 
 
 @dataclass
@@ -109,7 +111,9 @@ class GenerateConfig(Config):
                           choices=SAMPLERS)
     steps: int = option(50, "sampling steps", minimum=1)
     images_per_prompt: int = option(25, "images per prompt", minimum=1)
-    batch_size: int = option(5, "images per forward pass; images do not depend on it", minimum=1)
+    batch_size: int = option(5, "images per forward pass. Each image starts from the noise of its own seed, so the "
+                             "batch size changes it only through floating-point rounding (batched convolutions "
+                             "round differently): a few pixels may differ by one of 255 levels", minimum=1)
     seed: int = seed_option()
     height: Optional[int] = option(None, "image height (none: the model's native size, 512 for SD v1)", minimum=8)
     width: Optional[int] = option(None, "image width (none: the model's native size)", minimum=8)
@@ -121,5 +125,17 @@ class GenerateConfig(Config):
 
     def validate(self) -> None:
         super().validate()
-        if Path(self.out).is_file():
-            raise ValueError(f"output {self.out} is a file; expected a folder")
+        check_output(self.out, "dir", "out")
+        check_distinct_files(self.embeddings, "embeddings")
+
+
+def check_distinct_files(files, name: str) -> None:
+    """Raise when one file is listed twice in ``files`` (field ``name``), however spelled."""
+    seen = {}
+    for f in files:
+        p = Path(f)
+        key = p.resolve() if p.exists() else p
+        if key in seen:
+            same = f"{f} is given twice" if str(seen[key]) == str(f) else f"{seen[key]} and {f} are one file, given twice"
+            raise ValueError(f"{name}: {same}; give each file once")
+        seen[key] = f

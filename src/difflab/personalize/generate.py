@@ -23,11 +23,11 @@ from torch import Tensor
 from difflab.assets import SHIPPED_EMBEDDINGS, SHIPPED_MINI_SD
 from difflab.devices import resolve_device
 from difflab.io import PathLike, read_course_json, save_png
-from difflab.personalize.config import GenerateConfig
+from difflab.personalize.config import GenerateConfig, check_distinct_files
+from difflab.processes import Processes, publish_folder
 from difflab.sd.concepts import add_concept, read_embedding_file
 from difflab.sd.load import load_sd, parse_dtype
 from difflab.sd.sample import sample_images
-from difflab.training import Processes, publish_folder
 
 EMBEDDINGS_ENV = "DIFFLAB_EMBEDDINGS"
 
@@ -48,18 +48,21 @@ def env_embedding_files() -> List[Path]:
     return out
 
 
-def embedding_files(extra: Sequence[PathLike] = ()) -> Tuple[List[Path], List[Path]]:
+def embedding_files(extra: Sequence[PathLike] = (), shipped: bool = True) -> Tuple[List[Path], List[Path]]:
     """(explicit files, shipped files): ``extra`` as given and ``$DIFFLAB_EMBEDDINGS``'s
-    files, then every ``assets/embeddings/**/*.safetensors`` shipped with the package."""
+    files, then (with ``shipped``) every ``assets/embeddings/**/*.safetensors`` shipped
+    with the package, which were learned on the shipped mini model."""
     explicit = [Path(p) for p in extra] + env_embedding_files()
     for p in explicit:
         if not p.is_file():
             raise FileNotFoundError(f"embedding file not found: {p}")
-    shipped = sorted(SHIPPED_EMBEDDINGS.rglob("*.safetensors")) if SHIPPED_EMBEDDINGS.is_dir() else []
-    return explicit, shipped
+    check_distinct_files(explicit, f"the embedding files (given and ${EMBEDDINGS_ENV})")
+    found = sorted(SHIPPED_EMBEDDINGS.rglob("*.safetensors")) if shipped and SHIPPED_EMBEDDINGS.is_dir() else []
+    return explicit, found
 
 
-def find_embeddings(tokens: Sequence[str], width: int, extra: Sequence[PathLike] = (), prompts: Sequence[str] = ()) -> Dict[str, Tensor]:
+def find_embeddings(tokens: Sequence[str], width: int, extra: Sequence[PathLike] = (), prompts: Sequence[str] = (),
+                    shipped: bool = True) -> Dict[str, Tensor]:
     """token -> [n, width] for every token in ``tokens`` (required) and every other known
     token that appears in ``prompts``.
 
@@ -67,7 +70,7 @@ def find_embeddings(tokens: Sequence[str], width: int, extra: Sequence[PathLike]
     is used. A required token that is missing, or only found with another width, is an
     error naming the files searched.
     """
-    explicit, shipped = embedding_files(extra)
+    explicit, shipped = embedding_files(extra, shipped)
     chosen: Dict[str, Tuple[Tensor, Path]] = {}
     for f in explicit:
         for tok, vec in read_embedding_file(f).items():
@@ -93,7 +96,7 @@ def find_embeddings(tokens: Sequence[str], width: int, extra: Sequence[PathLike]
                     f"embedding for {tok!r} has the wrong width for this text encoder ({width}): {'; '.join(wrong_width[tok])}"
                 )
             raise ValueError(f"no embedding for token {tok!r}; searched {', '.join(searched)}. Pass --embeddings FILE")
-    wanted = set(tokens) | {tok for tok in chosen if any(tok in p for p in prompts)}
+    wanted = set(tokens) | {tok for tok in chosen if any(tok.lower() in p.lower() for p in prompts)}
     return {tok: chosen[tok][0] for tok in sorted(wanted)}
 
 
@@ -154,18 +157,21 @@ def generate_from_json(cfg: GenerateConfig, sd=None) -> List[Path]:
     """Validate everything, then write every image of the course layout; return the paths."""
     cfg.validate()
     concepts = read_course_json(cfg.json)
-    explicit, _ = embedding_files(cfg.embeddings)  # missing files fail before the model loads
+    embedding_files(cfg.embeddings)  # missing or repeated files fail before the model loads
     dtype = parse_dtype(cfg.dtype, resolve_device(cfg.device))
     procs = Processes(cfg.device)
     if sd is None:
         sd, dtype = _load_model(cfg, procs.device)
     prompts = [p for c in concepts for p in c.prompts]
-    vectors = find_embeddings(sorted({c.token for c in concepts}), sd.text_width, explicit, prompts)
+    # the shipped embeddings were learned on the shipped model and apply to it alone
+    vectors = find_embeddings(sorted({c.token for c in concepts}), sd.text_width, cfg.embeddings, prompts,
+                              shipped=cfg.sd is None)
     known = set(sd.concepts.tokens) if sd.concepts is not None else set()
     for tok, vec in vectors.items():
         if tok not in known:
             add_concept(sd, tok, vec.to(sd.device), trainable=False)
     sd.text_encoder.to(dtype)
+    sd.check_prompts(prompts)  # a cut-off concept token or an unknown <token> fails before any sampling
     height = cfg.height or sd.resolution
     width = cfg.width or sd.resolution
     if height % sd.vae_downsample or width % sd.vae_downsample:

@@ -164,10 +164,15 @@ def _read_inputs(cfg: TrainConfig) -> tuple[List[Path], List[Tuple[str, ...]], D
     templates = read_templates(cfg.templates) if cfg.templates else TEMPLATES[cfg.property]
     own = read_caption_files(files)
     others: Dict[str, Tensor] = {}
+    source: Dict[str, str] = {}
     for f in cfg.embeddings:
-        others.update(read_embedding_file(f))
-    if cfg.token in others:
-        raise ValueError(f"token {cfg.token!r} is being trained; do not also load it with --embeddings")
+        for tok, vec in read_embedding_file(f).items():
+            if tok.lower() in source:  # the tokenizer lowercases: <A> and <a> are one token
+                raise ValueError(f"token {tok!r} is in two embedding files: {source[tok.lower()]} and {f}")
+            source[tok.lower()] = str(f)
+            others[tok] = vec
+    if cfg.token.lower() in source:
+        raise ValueError(f"token {cfg.token!r} is being trained; do not also load it from {source[cfg.token.lower()]}")
     meta = {"token": cfg.token, "init_word": cfg.init_word, "property": cfg.property, "num_vectors": str(cfg.num_vectors),
             "seed": str(cfg.seed), "flip_p": str(cfg.flip_p), "batch_size": str(cfg.batch_size)}
     if cfg.templates:
@@ -266,6 +271,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None, shards: Optional[int] = N
         sd = load_sd(cfg.sd, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir)
     weight_dtype = DTYPES[{"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)]
     param = _add_concepts(sd, cfg, others, accelerator.device, weight_dtype)
+    # every caption and the validation prompt must reach the text encoder whole, before step 1
+    sd.check_prompts([t.format(cfg.token) for c in captions for t in c] + ([cfg.validation_prompt] if cfg.validation_prompt else []))
     emb = sd.concepts
     resolution = cfg.resolution or sd.resolution
     if resolution % sd.vae_downsample:

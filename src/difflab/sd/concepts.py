@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from difflab.io import PathLike, load_tensors, save_tensors
+from difflab.io import PathLike, check_finite, load_tensors, save_tensors
 
 
 # ------------------------------------------------------------------ the spliced lookup
@@ -61,10 +61,11 @@ class ConceptEmbedding(nn.Module):
         return param
 
     def expand_prompt(self, prompt: str) -> str:
-        """Write each multi-vector token ``tok`` as ``tok tok_1 ... tok_{n-1}``."""
+        """Write each multi-vector token ``tok`` as ``tok tok_1 ... tok_{n-1}``, in any
+        case (the tokenizer lowercases text, so ``<NEW1>`` is ``<new1>``)."""
         for token, names in zip(self.tokens, self.names):
             if len(names) > 1:
-                prompt = re.sub(re.escape(token) + r"(?!_\d)", lambda m: " ".join(names), prompt)
+                prompt = re.sub(re.escape(token) + r"(?!_\d)", lambda m: " ".join(names), prompt, flags=re.IGNORECASE)
         return prompt
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -91,6 +92,23 @@ def concept_embedding(sd) -> ConceptEmbedding:
     return sd.concepts
 
 
+def check_new_token(tokenizer, names: List[str]) -> None:
+    """Raise unless every name in ``names`` is new to ``tokenizer`` *as the tokenizer
+    sees text*: CLIP lowercases prompts, so a token ``DIGIT`` would take over every
+    "digit" of every prompt, and ``<NEW1>`` is the same token as an added ``<new1>``."""
+    from difflab.sd.prompts import normalize
+
+    vocab = tokenizer.get_vocab()
+    added = {normalize(tokenizer, t): t for t in tokenizer.get_added_vocab()}
+    for n in names:
+        seen = normalize(tokenizer, n)
+        how = "" if seen == n else f" (the tokenizer reads it as {seen!r}: it lowercases text)"
+        if seen in added:
+            raise ValueError(f"token {n!r} is the already added token {added[seen]!r}{how}; choose a new token name")
+        if n in vocab or seen in vocab or seen + "</w>" in vocab:  # '</w>': a whole word in CLIP's BPE
+            raise ValueError(f"token {n!r} is already in the tokenizer's vocabulary{how}; choose a new token name")
+
+
 def token_names(token: str, num_vectors: int) -> List[str]:
     return [token] + [f"{token}_{k}" for k in range(1, num_vectors)]
 
@@ -106,11 +124,9 @@ def add_concept(sd, token: str, vectors: Tensor, trainable: bool = False) -> nn.
         raise ValueError(
             f"embedding for {token!r} has shape {tuple(vectors.shape)}; the text encoder needs width {emb.embedding_dim}"
         )
+    check_finite({token: vectors}, "embedding", "token")
     names = token_names(token, vectors.shape[0])
-    vocab = sd.tokenizer.get_vocab()
-    taken = [n for n in names if n in vocab or n + "</w>" in vocab]  # '</w>': a whole word in CLIP's BPE
-    if taken:
-        raise ValueError(f"token {taken[0]!r} is already in the tokenizer's vocabulary; choose a new token name")
+    check_new_token(sd.tokenizer, names)
     added = sd.tokenizer.add_tokens(names)
     if added != len(names):
         raise ValueError(f"the tokenizer added {added} of the tokens {names}")
@@ -151,7 +167,10 @@ def read_embedding_file(path: PathLike) -> Dict[str, Tensor]:
             t = t[None]
         if t.ndim != 2 or t.shape[0] < 1:
             raise ValueError(f"embedding file {path}: entry {token!r} has shape {tuple(t.shape)}, expected [num_vectors, width]")
+        if not t.is_floating_point():
+            raise ValueError(f"embedding file {path}: entry {token!r} has dtype {t.dtype}, expected floating point")
         out[token] = t.float()
+    check_finite(out, f"embedding file {path}", "entry")
     if not out:
         raise ValueError(f"embedding file {path} holds no tensors")
     return out

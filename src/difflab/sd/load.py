@@ -15,16 +15,15 @@ runs the loaders under a socket guard.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from difflab.io import PathLike, describe_mismatch, load_torch_state, resolve_model_path
+from difflab.io import PathLike, check_finite, describe_mismatch, load_json, load_torch_state, resolve_model_path
 from difflab.schedule import NoiseSchedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -52,6 +51,7 @@ LDM_PREFIXES = {
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_TRAIN_TIMESTEPS = 100_000  # a bound on a scheduler config's T (SD v1: 1000)
 
 
 def parse_dtype(name: str, device: Union[str, torch.device]) -> torch.dtype:
@@ -75,10 +75,10 @@ def read_config(name: str, config_dir: Optional[PathLike] = None) -> Dict[str, A
     candidates = [base / f"{name}.json", base / name / "config.json", base / name / f"{name}_config.json"]
     for path in candidates:
         if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            cfg = load_json(path)
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{path}: expected a JSON object of {name} settings, got {type(cfg).__name__}")
+            return cfg
     raise FileNotFoundError(f"no {name} config in {base}: expected one of {', '.join(str(c) for c in candidates)}")
 
 
@@ -91,8 +91,15 @@ def schedule_from_config(cfg: Dict[str, Any], source: str = "scheduler config") 
     """
     cfg = {**read_config("scheduler"), **cfg}
     kind = cfg["beta_schedule"]
-    T = int(cfg["num_train_timesteps"])
-    b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
+    try:
+        T = int(cfg["num_train_timesteps"])
+        b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: num_train_timesteps, beta_start and beta_end must be numbers, got "
+                         f"{cfg['num_train_timesteps']!r}, {cfg['beta_start']!r}, {cfg['beta_end']!r}") from None
+    if not 1 <= T <= MAX_TRAIN_TIMESTEPS or not 0 < b0 < 1 or not 0 < b1 < 1:
+        raise ValueError(f"{source}: expected 1 <= num_train_timesteps <= {MAX_TRAIN_TIMESTEPS} and betas in (0, 1), "
+                         f"got {T}, beta_start {b0}, beta_end {b1}")
     if cfg["prediction_type"] != "epsilon":
         raise ValueError(f"{source}: prediction_type {cfg['prediction_type']!r} is not supported; expected 'epsilon' (SD v1)")
     if kind == "scaled_linear":
@@ -119,6 +126,10 @@ class StableDiffusion:
     # Added-token embeddings (textual_inversion.ConceptEmbedding), set when concepts
     # are added; prompts are expanded for multi-vector tokens before tokenizing.
     concepts: Any = None
+    # The text encoder knows only the words its vocabulary holds whole (a `difflab t2i`
+    # mini model, marked by its mini_sd.json): other words are left out of prompts with
+    # a warning instead of being spelled in pieces (see difflab.sd.prompts).
+    closed_vocabulary: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -157,15 +168,22 @@ class StableDiffusion:
                 net.to(dtype)
         return self
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise (a concept token that does not fit or has no embedding) or warn (words
+        cut or unknown) now, as ``encode_text`` would, before any work is done."""
+        from difflab.sd.prompts import prompt_ids
+
+        prompt_ids(self, list(prompts))
+
     def encode_text(self, prompts: list[str]) -> Tensor:
         """CLIP's last hidden state for each prompt: [B, L, D], L = max_position_embeddings.
 
-        Prompts are padded to L and truncated at L, as SD v1 does.
+        Prompts are padded to L and cut at L, as SD v1 does; a concept token that would
+        be cut is an error, other cut words a warning (:mod:`difflab.sd.prompts`).
         """
-        length = int(self.text_encoder.config.max_position_embeddings)
-        if self.concepts is not None:
-            prompts = [self.concepts.expand_prompt(p) for p in prompts]
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        from difflab.sd.prompts import prompt_ids
+
+        ids = prompt_ids(self, list(prompts))
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -250,8 +268,13 @@ def _build_from_state(name: str, config: Dict[str, Any], state: Dict[str, Tensor
         from transformers import CLIPTextConfig, CLIPTextModel
 
         cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+        with torch.device("meta"):  # sizes from a config file: check them against the weights before allocating
+            shell = CLIPTextModel(CLIPTextConfig(**cfg))
+        state = fit_clip_keys(state, shell)
+        problem = describe_mismatch(shell, state)
+        if problem:
+            raise ValueError(f"{source} is not a Stable Diffusion v1 checkpoint for this {name} config: {problem}")
         model = CLIPTextModel(CLIPTextConfig(**cfg))
-        state = fit_clip_keys(state, model)
         assign = False
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -344,9 +367,10 @@ def load_sd(
         raise ValueError(
             f"{path}: UNet cross_attention_dim {sd.unet.config.cross_attention_dim} != text encoder width {sd.text_width}"
         )
-    for net in (sd.unet, sd.vae, sd.text_encoder):
+    for name, net in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
         net.requires_grad_(False)
         net.eval()
+        check_finite(dict(net.state_dict()), f"{path} ({name})", "weight")
     return sd.to(device, dtype)
 
 
@@ -373,7 +397,7 @@ def _load_single_file(path: Path, tokenizer: Optional[PathLike], config_dir: Opt
     tok = load_tokenizer(tokenizer, near=path.parent)
     return StableDiffusion(
         nets["unet"], nets["vae"], nets["text_encoder"], tok,
-        schedule, int(sched_cfg.get("steps_offset", 1)), str(path),
+        schedule, _steps_offset(sched_cfg, path), str(path),
     )
 
 
@@ -394,11 +418,21 @@ def _load_diffusers_folder(path: Path, tokenizer: Optional[PathLike]) -> StableD
         raise ValueError(f"cannot load the diffusers folder {path}: {e}") from None
     tok = load_tokenizer(tokenizer if tokenizer is not None else path / "tokenizer")
     sched_file = path / "scheduler" / "scheduler_config.json"
-    sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else read_config("scheduler")
+    sched_cfg = load_json(sched_file) if sched_file.is_file() else read_config("scheduler")
+    if not isinstance(sched_cfg, dict):
+        raise ValueError(f"{sched_file}: expected a JSON object of scheduler settings, got {type(sched_cfg).__name__}")
     return StableDiffusion(
         unet, vae, text_encoder, tok,
-        schedule_from_config(sched_cfg, str(sched_file)), int(sched_cfg.get("steps_offset", 1)), str(path),
+        schedule_from_config(sched_cfg, str(sched_file)), _steps_offset(sched_cfg, sched_file), str(path),
+        closed_vocabulary=(path / "mini_sd.json").is_file(),
     )
+
+
+def _steps_offset(cfg: Dict[str, Any], source: Any) -> int:
+    value = cfg.get("steps_offset", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1000:
+        raise ValueError(f"{source}: steps_offset must be an integer in [0, 1000), got {value!r}")
+    return value
 
 
 def quiet_libraries() -> None:

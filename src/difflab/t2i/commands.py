@@ -55,20 +55,24 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from difflab.io import check_output
     from difflab.sd.load import quiet_libraries
     from difflab.t2i.config import T2ITrainConfig
     from difflab.t2i.train import train_t2i
 
     run, cfg = config_from_args(TrainRun, args), config_from_args(T2ITrainConfig, args)
+    check_output(run.out, "dir", "--out")
     quiet_libraries()
     train_t2i(run.data, run.out, cfg, resume=run.resume, progress=not run.quiet)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from difflab.io import check_output
     from difflab.t2i.model import export_folder
 
     run = config_from_args(ExportRun, args)
+    check_output(run.out, "dir", "--out")
     out = export_folder(run.run, run.out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported {run.run} -> {out} ({size / 2**20:.1f} MiB)")
