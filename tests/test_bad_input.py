@@ -266,6 +266,91 @@ def test_issue20_5_nan_guidance_and_nan_images_are_refused(tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
+# ------------------------------------------------------------ 6: resume keeps the options
+TINY_DIGITS = ["--channels", "16", "--channel-mults", "1", "2", "--num-res-blocks", "1", "--attention-levels", "1",
+               "--groups", "8", "--patch", "2"]
+
+
+def _digit_layout(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in (("mnistm", 12), ("svhn", 4)):
+        (root / name / "data").mkdir(parents=True)
+        rows = ["image_name,label"]
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(root / name / "data" / f"{i:05d}.png")
+            rows.append(f"{i:05d}.png,{i % 10}")
+        (root / name / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture()
+def digit_run(tmp_path, monkeypatch):
+    """(argv of a tiny `digits train` into RUN, RUN), stopped after 2 of its 4 steps."""
+    from difflab.digits.config import TrainConfig
+    from difflab.digits.train import train
+    from difflab.options import config_from_args
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    run, data = tmp_path / "run", _digit_layout(tmp_path / "d")
+    argv = ["digits", "train", "--data", str(data), "--out", str(run), "--steps", "4", "--warmup", "1",
+            "--ckpt-every", "2", "--keep-checkpoints", "0", "--sample-every", "0", "--batch-size", "4", "--seed", "3",
+            "--lr", "0.001", "--device", "cpu", "--quiet", *TINY_DIGITS]
+    train(data, run, config_from_args(TrainConfig, build_parser(["digits"]).parse_args(argv)), stop_at=2, progress=False)
+    return argv, run
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--seed", "4"], "seed 3 -> 4"),
+    (["--lr", "0.002"], "lr 0.001 -> 0.002"),
+    (["--batch-size", "8"], "batch_size 4 -> 8"),
+    (["--seed", "4", "--lr", "0.002"], "lr 0.001 -> 0.002, seed 3 -> 4"),
+    (["--steps", "3"], "steps 4 -> 3"),
+    (["--channels", "32"], "model.channels 16 -> 32"),
+])
+def test_issue20_6_a_resume_that_changes_the_results_is_refused(digit_run, capsys, change, message):
+    """A resumed `digits train` with another seed, lr, batch size (same processes), model or
+    fewer steps is refused in one line naming each change, saved -> asked; nothing is
+    rewritten."""
+    argv, run = digit_run
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(argv + ["--resume", *change]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"difflab: error: --resume: {run} was trained with other options: {message} (saved -> asked)")
+    assert err.count("\n") == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # train_config.json too
+
+
+def test_issue20_6_a_resume_may_add_steps_and_change_reporting_and_records_the_leg(digit_run, capsys):
+    from difflab.io import load_json
+
+    argv, run = digit_run
+    assert main(argv + ["--resume", "--ckpt-every", "1", "--keep-checkpoints", "1", "--device", "cpu"]) == 0
+    assert "legs" not in load_json(run / "train_config.json")  # reporting only: not a change
+    assert "legs" not in load_json(run / "checkpoints" / "step_0000004" / "state.json")
+    assert main(argv + ["--resume", "--steps", "6"]) == 0
+    leg = [{"from_step": 4, "changed": {"steps": [4, 6]}}]
+    state = load_json(run / "checkpoints" / "step_0000006" / "state.json")
+    config = load_json(run / "train_config.json")
+    assert state["legs"] == leg and config["legs"] == leg and config["steps"] == 6
+
+
+def test_issue20_6_one_helper_records_the_legs_of_both_trainers():
+    import difflab.t2i.train as T
+    from difflab import training
+
+    assert T.config_changes is training.config_changes
+    assert training.config_changes({"a": 1, "device": "cpu", "model": {"w": 2}},
+                                   {"a": 2, "device": "cuda", "model": {"w": 3}}) == {"a": [1, 2], "model.w": [2, 3]}
+    training.refuse_changes("r", {"steps": [4, 6], "batch_size": [4, 8]}, may_change=("batch_size",))
+    with pytest.raises(ValueError, match=r"^--resume: r was trained with other options: steps 6 -> 4 \(saved -> asked\)"):
+        training.refuse_changes("r", {"steps": [6, 4]})
+    assert training.add_leg([], 3, {}) == [] and training.add_leg([], 3, {"a": [1, 2]}) == [
+        {"from_step": 3, "changed": {"a": [1, 2]}}]
+
+
 # ---------------------------------------------------------- 7: outputs checked first
 @pytest.mark.parametrize("kind", ["under a file", "a file"])
 def test_issue20_7_an_unwritable_output_fails_before_the_work(tmp_path, capsys, monkeypatch, kind):
@@ -304,6 +389,221 @@ def test_issue20_7_check_output_names_links_and_kinds(tmp_path):
     assert check_output(tmp_path / "new" / "deeper", "dir", "out") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".difflab-write-check*"))
+
+
+# ------------------------------------------- 8: a whole set or nothing, never mixed with an old one
+def _ti_inputs(root: Path, width: int) -> list:
+    """argv of a tiny `ti generate` (1 concept, 2 prompts, 2 images each) without --sd/--out."""
+    from difflab.sd.concepts import save_embedding
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_embedding(root / "new1.safetensors", "<new1>", torch.randn(1, width, generator=torch.Generator().manual_seed(0)))
+    (root / "input.json").write_text(json.dumps({"0": {"token_name": "<new1>", "prompt": ["a photo of <new1>",
+                                                                                          "a <new1> on a bench"]}}))
+    return ["ti", "generate", "--json", str(root / "input.json"), "--embeddings", str(root / "new1.safetensors"),
+            "--images-per-prompt", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu", "--quiet"]
+
+
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_issue20_8_ti_generate_refuses_a_folder_with_files_and_overwrite_replaces_it_whole(tiny_dir, tiny, tmp_path,
+                                                                                          capsys, monkeypatch):
+    import difflab.personalize.generate as gen
+
+    argv = _ti_inputs(tmp_path / "in", tiny.text_width) + ["--sd", str(tiny_dir)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"an earlier run's image")
+    real_load = gen.load_sd
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(gen, "load_sd", never)
+    assert main(argv + ["--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"difflab: error: out {out} already holds files (old.png); pass --overwrite to "
+                                       "replace the folder whole, or choose another output folder\n")
+    monkeypatch.setattr(gen, "load_sd", real_load)
+    assert main(argv + ["--out", str(out), "--overwrite"]) == 0
+    expected = sorted(f"0/{p}/source0_prompt{p}_{i}.png" for p in range(2) for i in range(2))
+    assert sorted(_files(out)) == expected  # no old file beside the new ones
+    first = _files(out)
+
+    # a failure part-way leaves the earlier set as it was, and no partial set anywhere
+    calls = {"n": 0}
+    real_sample = gen.sample_images
+
+    def dies_on_the_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(gen, "sample_images", dies_on_the_second_batch)
+    assert main(argv + ["--out", str(out), "--overwrite", "--seed", "1"]) == 2
+    assert _files(out) == first
+    calls["n"] = 0
+    assert main(argv + ["--out", str(tmp_path / "new"), "--seed", "1"]) == 2
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no staging folder left behind
+
+
+def test_issue20_8_the_three_generate_commands_refuse_and_replace_alike(tmp_path, capsys, monkeypatch):
+    import difflab.digits.commands as D
+    from difflab.processes import publish_folder
+
+    def never(*a, **k):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(D, "_load", never)
+    import difflab.faces.generate as G
+    monkeypatch.setattr(G, "generate_dir", never)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"x")
+    errors = []
+    for argv in (["digits", "generate"], ["faces", "generate", "--noise", "n", "--unet", "u"],
+                 ["ti", "generate", "--json", "j"]):
+        assert main(argv + ["--out", str(out)]) == 2, argv
+        errors.append(capsys.readouterr().err.replace("--out ", "out ", 1))
+        args = build_parser([argv[0]]).parse_args(argv + ["--out", str(out), "--overwrite"])
+        assert args.overwrite is True
+        command = dict(_leaf_parsers(build_parser([argv[0]])))[f"{argv[0]} generate"]
+        help_text = next(a.help for a in command._actions if a.dest == "overwrite")
+        assert help_text == "replace an output folder that already holds files"
+    assert len(set(errors)) == 1 and "already holds files (stale.png); pass --overwrite" in errors[0], errors
+
+    # the one publisher: refuses, or replaces whole; a failed write changes nothing
+    with pytest.raises(FileExistsError, match="already holds files"):
+        publish_folder(out, lambda folder: (folder / "new.png").write_bytes(b"n"))
+    assert _files(out) == {"stale.png": b"x"}
+
+    def half(folder):
+        (folder / "a.png").write_bytes(b"a")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        publish_folder(out, half, overwrite=True)
+    assert _files(out) == {"stale.png": b"x"}
+    publish_folder(out, lambda folder: (folder / "new.png").write_bytes(b"n"), overwrite=True)
+    assert _files(out) == {"new.png": b"n"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    publish_folder(empty, lambda folder: (folder / "a.png").write_bytes(b"a"))  # an empty folder is not refused
+    assert _files(empty) == {"a.png": b"a"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
+
+
+@pytest.fixture()
+def concept(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k:02d}.png")
+    return folder
+
+
+def _ti_train(tiny_dir, concept, out, *extra):
+    return ["ti", "train", "--sd", str(tiny_dir), "--concept-dir", str(concept), "--token", "<new1>", "--init-word",
+            "dog", "--out", str(out), "--steps", "2", "--save-every", "1", "--batch-size", "1", "--device", "cpu",
+            "--quiet", *extra]
+
+
+def test_issue20_8_ti_train_refuses_an_existing_embedding_unless_resume_or_overwrite(tiny_dir, concept, tmp_path, capsys):
+    out = tmp_path / "emb.safetensors"
+    assert main(_ti_train(tiny_dir, concept, out)) == 0
+    old = sorted(p.name for p in tmp_path.iterdir())
+    assert old == ["concept", "emb-step000001.safetensors", "emb.safetensors", "emb.state.safetensors"]
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(_ti_train(tiny_dir, concept, out)) == 2
+    assert capsys.readouterr().err == (f"difflab: error: out {out} already exists; pass --resume to continue that run, "
+                                       "--overwrite to replace it, or choose another out\n")
+    assert out.read_bytes() == before
+    out.unlink()  # an interrupted run: only its resume state is left
+    assert main(_ti_train(tiny_dir, concept, out)) == 2
+    assert f"an earlier run left {tmp_path / 'emb.state.safetensors'}" in capsys.readouterr().err
+    assert main(_ti_train(tiny_dir, concept, out, "--resume", "--overwrite")) == 2
+    assert "resume and overwrite exclude each other" in capsys.readouterr().err
+    assert main(_ti_train(tiny_dir, concept, out, "--steps", "3", "--save-every", "2")) == 2
+    # --overwrite starts afresh and leaves none of the earlier run's files beside the new ones
+    assert main(_ti_train(tiny_dir, concept, out, "--steps", "3", "--save-every", "2", "--overwrite")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["concept", "emb-step000002.safetensors", "emb.safetensors",
+                                                          "emb.state.safetensors"]
+
+
+# ------------------------------------------------------- 9: one training per run folder
+HOLD_LOCK = """
+import sys, time
+from difflab.training import run_lock
+with run_lock(sys.argv[1], "run folder " + sys.argv[2]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_issue20_9_a_second_training_into_a_locked_run_folder_is_refused(digit_run, capsys):
+    """Another process trains into RUN (it holds RUN/.lock): a second run is refused in one
+    line naming the folder and that process's id, and touches nothing; once the holder
+    is killed (-9: no clean-up), the kernel has released the lock and the run goes on."""
+    import os
+    import subprocess
+    import sys
+
+    argv, run = digit_run
+    assert not (run / ".lock").exists()  # released, and removed, by the run that ended
+    before = _files(run)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock"), str(run)], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "src")}, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(argv + ["--resume"]) == 2
+        assert capsys.readouterr().err == (f"difflab: error: run folder {run} is in use by another training (pid "
+                                           f"{holder.pid}, lock {run / '.lock'}); wait for it to end, or train into "
+                                           "another --out\n")
+        assert _files(run) == {**before, ".lock": f"{holder.pid}\n".encode()}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").exists()  # left by the killed holder, but no longer locked
+    assert main(argv + ["--resume"]) == 0
+    assert not (run / ".lock").exists()
+
+
+def test_issue20_9_every_trainer_locks_its_output(tmp_path, tiny_dir, concept):
+    import os
+
+    from difflab.digits.config import TrainConfig as DigitConfig
+    from difflab.digits.train import train
+    from difflab.personalize import textual_inversion as ti
+    from difflab.t2i.train import T2ITrainConfig, train_t2i
+    from difflab.training import RunLocked, run_lock
+
+    pid = os.getpid()  # a lock held through another open file of this process conflicts as another process's would
+    with run_lock(tmp_path / "d" / ".lock", "run folder d"):
+        with pytest.raises(RunLocked, match=rf"^run folder {tmp_path / 'd'} is in use by another training \(pid {pid}, "):
+            train(tmp_path / "no-data", tmp_path / "d", DigitConfig(device="cpu"), progress=False)
+    with run_lock(tmp_path / "t" / ".lock", "run folder t"):
+        with pytest.raises(RunLocked, match=rf"^run folder {tmp_path / 't'} is in use by another training \(pid {pid}, "):
+            train_t2i(tmp_path / "no-data", tmp_path / "t", T2ITrainConfig(device="cpu"), progress=False)
+    out = tmp_path / "emb.safetensors"
+    cfg = ti.TrainConfig(sd=str(tiny_dir), concept_dir=str(concept), token="<new1>", init_word="dog", out=str(out),
+                         device="cpu", quiet=True)
+    with run_lock(tmp_path / "emb.lock", "x"):
+        with pytest.raises(RunLocked, match=rf"^--out {out} is in use by another training \(pid {pid}, lock "
+                                            rf"{tmp_path / 'emb.lock'}\)"):
+            ti.train_textual_inversion(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["concept"]  # nothing written, no lock or folder left
+    # a run that fails leaves no folder made for its lock
+    with pytest.raises(FileNotFoundError):
+        train(tmp_path / "no-data", tmp_path / "d", DigitConfig(device="cpu"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["concept"]
 
 
 # -------------------------------------------------------------- 10: one line, exit 2
@@ -530,3 +830,18 @@ def test_issue20_14_batch_size_help_says_exactly_what_holds():
     ti = dict(_leaf_parsers(build_parser(["ti"])))["ti generate"]
     help_text = next(a.help for a in ti._actions if a.dest == "batch_size")
     assert "one of 255 levels" in help_text and "rounding" in help_text
+
+
+def test_issue20_8_overwrite_never_replaces_the_working_folder_or_a_parent(tmp_path, monkeypatch):
+    from difflab.io import check_fresh_output
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for target in (".", str(work), str(tmp_path)):
+        with pytest.raises(ValueError, match="working folder, one of its parents or the home folder"):
+            check_fresh_output(target, "out", overwrite=True)
+    (work / "sub").mkdir()
+    assert check_fresh_output("sub", "out", overwrite=True) == Path("sub")
+    assert (work / "keep.txt").is_file()

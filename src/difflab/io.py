@@ -7,7 +7,8 @@
   tensor <-> PNG with torchvision ``save_image`` rounding, grids;
 - caption/prompt template files (``read_templates``) and the course ``input.json``
   (``read_course_json``, one ``Concept``);
-- checks before the expensive work: outputs that can be written (``check_output``),
+- checks before the expensive work: outputs that can be written (``check_output``) and
+  hold no earlier run's files (``check_fresh_output``),
   values that are finite (``check_finite``), tensors no larger than what the file
   stores (``check_tensor_size``, ``load_tensor_file``).
 
@@ -119,6 +120,27 @@ def check_output(path: PathLike, kind: str = "dir", what: str = "output") -> Pat
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot write in {existing}: {e.strerror or e}") from None
+    return path
+
+
+def check_fresh_output(path: PathLike, what: str = "output", overwrite: bool = False) -> Path:
+    """Refuse (FileExistsError) an output folder that already holds files, unless
+    ``overwrite``: a command writes its whole set and never mixes it with an earlier
+    run's files. The message names ``what``, the folder and a file in it; returns ``path``.
+    ``overwrite`` never replaces the working folder, one of its parents or the home folder."""
+    path = Path(path)
+    if overwrite and path.is_dir():
+        here, target = Path.cwd().resolve(), path.resolve()
+        if target == here or target in here.parents or target == Path.home().resolve():
+            raise ValueError(f"{what} {path} is the working folder, one of its parents or the home folder; "
+                             "--overwrite replaces a folder whole, so give a folder of its own")
+    if overwrite or not path.is_dir():
+        return path
+    held = sorted(os.listdir(path))
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise FileExistsError(f"{what} {path} already holds files ({shown}); pass --overwrite to replace the folder "
+                              "whole, or choose another output folder")
     return path
 
 

@@ -16,7 +16,7 @@ the field (a typed version of guided-diffusion's ``add_dict_to_argparser``)::
 The library speaks of fields (``steps must be >= 1, got 0``); only the command line
 speaks of flags (``--steps must be >= 1, got 0``). The options that every command
 shares (``--device``, ``--threads``, ``--seed``, ``--mixed-precision``, ``--quiet``,
-``--out``, ``--resume``, ``--guidance-scale``) are declared once, here. This module is
+``--out``, ``--overwrite``, ``--resume``, ``--guidance-scale``) are declared once, here. This module is
 imported by ``difflab --help`` and must not import torch.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, T
 __all__ = [
     "Config", "option", "add_config_args", "config_from_args", "check_value", "flag_of",
     "add_group", "add_command", "device_option", "seed_option", "mixed_precision_option", "quiet_option",
-    "out_option", "resume_option", "guidance_scale_option", "Threads", "DigitDataRun", "MIXED_PRECISION",
+    "out_option", "overwrite_option", "resume_option", "guidance_scale_option", "Threads", "DigitDataRun", "MIXED_PRECISION",
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -394,6 +394,12 @@ def quiet_option() -> Any:
 def out_option(help: str, default: Any = MISSING) -> Any:
     """``--out``: what the command writes (required unless a default is given)."""
     return option(default, help, metavar="OUT")
+
+
+def overwrite_option(note: str = "") -> Any:
+    """``--overwrite`` of every command that writes a set of files to --out: without it an
+    --out that already holds files is refused; with it that output is replaced whole."""
+    return option(False, "replace an output folder that already holds files" + note, shared="overwrite")
 
 
 def resume_option() -> Any:

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 import torch
 
 from difflab.devices import resolve_device
-from difflab.io import PathLike
+from difflab.io import PathLike, check_fresh_output
 
 T = TypeVar("T")
 
@@ -105,28 +105,46 @@ class Processes:
             self.state.wait_for_everyone()
 
 
-def publish_folder(out_dir: PathLike, write: Callable[[Path], None]) -> Path:
-    """Fill a staging folder beside ``out_dir`` with ``write(folder)`` and move it into place:
-    one rename when ``out_dir`` does not exist or is empty; into an existing folder, each
-    file replaces its namesake atomically and other files are left alone. On error nothing
-    of this run reaches ``out_dir``."""
-    out_dir = Path(out_dir)
+def publish_folder(out_dir: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Fill a staging folder beside ``out_dir`` with ``write(folder)``, then move it into
+    place: one rename when ``out_dir`` does not exist or is empty. An ``out_dir`` that holds
+    files is refused (:func:`difflab.io.check_fresh_output`, checked again here in case it
+    filled meanwhile) unless ``overwrite``, which replaces it whole: the old folder is moved
+    aside, the new one renamed into place, the old one deleted, so no old file is left
+    beside the new ones. On error nothing of this run reaches ``out_dir``."""
+    given, out_dir = Path(out_dir), Path(os.path.abspath(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    old, moved = None, []
     try:
         write(tmp)
         os.chmod(tmp, 0o755)
-        if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        check_fresh_output(given, "out", overwrite)
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+            try:
+                os.replace(out_dir, old / out_dir.name)
+                moved = [(out_dir, old / out_dir.name)]
+            except OSError:  # a folder that cannot be moved (a mount point): empty it instead
+                for entry in sorted(out_dir.iterdir()):
+                    os.replace(entry, old / entry.name)
+                    moved.append((entry, old / entry.name))
+        try:
             try:
                 os.replace(tmp, out_dir)  # rename(2) may replace an empty folder
-                return out_dir
-            except OSError:
-                pass  # an empty folder that cannot be replaced (a mount point, another OS): file by file
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            dst = out_dir / f.relative_to(tmp)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, dst)
-        return out_dir
+            except OSError:  # an empty folder that cannot be replaced (a mount point, another OS): entry by entry
+                for entry in sorted(tmp.iterdir()):
+                    os.replace(entry, out_dir / entry.name)
+        except BaseException:
+            for back, aside in reversed(moved):  # put the old set back as it was
+                if back == out_dir and out_dir.exists():
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                elif back.exists():
+                    shutil.rmtree(back, ignore_errors=True) if back.is_dir() else back.unlink()
+                os.replace(aside, back)
+            raise
+        return given
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in (tmp, old):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)

@@ -3,9 +3,11 @@
 
 A problem supplies its networks, optimizer, a *loss step* (draw the step's batch, return
 the loss) and its checkpoint writer; the harness owns the rest: the Accelerate set-up
-(:func:`make_accelerator`), resume-or-refuse checks of a run folder
-(:func:`resume_or_refuse`), the warm-up + cosine learning rate (:func:`cosine_lr`), EMA
-with warm-up (:class:`EMA`), the optimisation step (:func:`optimizer_step`), and, in
+(:func:`make_accelerator`), the lock on a run folder (:func:`run_lock`), resume-or-refuse
+checks of a run folder (:func:`resume_or_refuse`) and of the options a resumed leg changes
+(:func:`config_changes`, :func:`refuse_changes`, :func:`add_leg`), the warm-up + cosine
+learning rate (:func:`cosine_lr`), EMA with warm-up (:class:`EMA`), the optimisation step
+(:func:`optimizer_step`), and, in
 :func:`run_loop`, loss gathering, the progress bar, the checkpoint and sample cadence and
 the final message.
 
@@ -26,13 +28,16 @@ out with :class:`difflab.processes.Processes`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
+import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,6 +51,9 @@ STEP_STRIDE = 1_000_003  # a prime above any step count, so (seed, step) pairs g
 LOG_EVERY = 20  # steps between progress-bar updates (and always at the last step)
 LOG_WINDOW = 100  # steps whose mean the progress bar shows
 TRAIN_DEVICES = ("auto", "cpu", "cuda")  # one process per GPU: several GPUs through `accelerate launch`
+# Options a resumed leg may change freely: where it runs and how often it reports or checkpoints.
+NOT_A_CHANGE = frozenset({"device", "ckpt_every", "sample_every", "keep_checkpoints"})
+LOCK_NAME = ".lock"  # the lock file of a run folder (see run_lock)
 
 # (loss, extra per-step values to record, e.g. {"acc": 0.9}) for one step
 LossStep = Callable[[int], "tuple[Tensor, dict[str, float]]"]
@@ -161,6 +169,50 @@ def resume_or_refuse(run_dir: PathLike, resume: bool, started: Sequence[str] = (
     if not resume and begun:
         raise FileExistsError(f"{run_dir} already holds a training run; pass --resume to continue it or pick a new --out")
     return existing
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level, keys joined with dots (``model.channels``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: Any, asked: Any, ignore: Collection[str] = NOT_A_CHANGE) -> dict[str, list]:
+    """The options a resumed leg changes: ``{option: [saved, asked]}``, sorted, nested
+    configs as ``model.channels``; ``saved`` and ``asked`` are configs (``to_dict()``) or
+    dicts. Options in ``ignore`` (default :data:`NOT_A_CHANGE`) are left out."""
+    a = _flat(saved.to_dict() if hasattr(saved, "to_dict") else saved)
+    b = _flat(asked.to_dict() if hasattr(asked, "to_dict") else asked)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if k not in ignore and k.split(".")[0] not in ignore and a.get(k) != b.get(k)}
+
+
+def refuse_changes(where: PathLike, changes: Mapping[str, list], may_change: Collection[str] = (),
+                   may_grow: Collection[str] = ("steps",)) -> None:
+    """Refuse a resumed leg that changes what the run computes: ValueError, one line
+    naming every changed option with its saved and asked value, unless the option is in
+    ``may_change`` or in ``may_grow`` and grows (more steps). ``changes``: from
+    :func:`config_changes`."""
+    bad = {k: v for k, v in changes.items()
+           if k not in may_change and not (k in may_grow and v[0] is not None and v[1] > v[0])}
+    if bad:
+        listed = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in bad.items())
+        free = ", ".join(sorted(NOT_A_CHANGE))
+        raise ValueError(f"--resume: {where} was trained with other options: {listed} (saved -> asked); a resumed run "
+                         f"keeps the options that decide its results (it may train more steps and change {free}); "
+                         f"give the saved values, or start a new run in another --out")
+
+
+def add_leg(legs: Sequence[Mapping], start: int, changes: Mapping[str, list]) -> list[dict]:
+    """A run's history of legs (``[{"from_step": S, "changed": {option: [before, now]}}]``)
+    with one more entry when the leg resumed at ``start`` changes options."""
+    legs = [dict(leg) for leg in legs]
+    return legs + [{"from_step": int(start), "changed": dict(changes)}] if changes else legs
 
 
 def resume_shards(where: PathLike, saved: Optional[dict], world_size: int, batch_size: int, saved_batch_size: int = 0,
@@ -460,3 +512,87 @@ def latest_checkpoint(run_dir: PathLike) -> Path | None:
     ckpts = sorted(Path(run_dir).glob("checkpoints/step_*"))
     done = [c for c in ckpts if (c / "state.json").is_file()]
     return done[-1] if done else None
+
+
+class RunLocked(OSError):
+    """Another process holds the lock of a run folder (see :func:`run_lock`)."""
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return pid if pid.isdigit() else "unknown"
+
+
+def _created_dirs(folder: Path) -> list[Path]:
+    """The folders ``folder.mkdir(parents=True)`` would create, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+@contextlib.contextmanager
+def run_lock(lock_file: PathLike, what: PathLike, hold: bool = True) -> Iterator[Optional[Path]]:
+    """Hold an OS lock (``flock``) on ``lock_file`` for the block: one training at a time
+    writes a run folder (``RUN/.lock``) or an output file (``OUT.lock`` beside it).
+
+    A second holder is refused at once with :class:`RunLocked` (an OSError), one line
+    naming ``what`` and the holder's process id (which the lock file holds). The lock ends
+    with the block, or with the process however it ends (the kernel releases a dead
+    process's locks); the file is removed on release, while still locked, and a locker
+    that finds its file removed or replaced tries again, so two never hold it at once.
+    Folders the lock file needed are removed again when left empty. ``hold`` False (every
+    process but the main one) does nothing. Where the file system has no ``flock``, a
+    warning says the run is not protected.
+    """
+    if not hold:
+        yield None
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        warnings.warn(f"cannot lock {lock_file} on this system: two trainings into {what} at once would not be caught")
+        yield None
+        return
+    lock_file = Path(lock_file)
+    made = _created_dirs(lock_file.parent)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = None
+    try:
+        while True:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                fd = None
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunLocked(f"{what} is in use by another training (pid {_lock_holder(lock_file)}, lock "
+                                    f"{lock_file}); wait for it to end, or train into another --out") from None
+                warnings.warn(f"cannot lock {lock_file} ({e.strerror or e}): two trainings into {what} at once "
+                              "would not be caught")
+                break
+            try:  # the holder before us may have removed (or a new one replaced) the file we opened
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_file))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            fd = None
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock_file
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)
+            os.close(fd)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()

@@ -23,6 +23,7 @@ from difflab.options import (
     device_option,
     option,
     out_option,
+    overwrite_option,
     quiet_option,
     seed_option,
 )
@@ -52,6 +53,7 @@ class Model(Config):
 @dataclass(kw_only=True)
 class GenerateRun(Model):
     out: str = out_option("output folder; writes mnistm/D_KKK.png and svhn/D_KKK.png")
+    overwrite: bool = overwrite_option()
     per_class: int = option(50, "images per digit per dataset", minimum=1)
     quiet: bool = quiet_option()
 
@@ -101,11 +103,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                 help="copy a run's newest EMA weights into a small model folder (what ships)")
 
 
-def _check_out(out: str) -> None:
-    """Fail now, not after the work, when the output folder cannot be written."""
-    from difflab.io import check_output
+def _check_out(out: str, overwrite: Optional[bool] = None) -> None:
+    """Fail now, not after the work, when the output folder cannot be written or (for a
+    command with ``--overwrite``, ``overwrite`` not None) already holds files."""
+    from difflab.io import check_fresh_output, check_output
 
     check_output(out, "dir", "--out")
+    if overwrite is not None:
+        check_fresh_output(out, "--out", overwrite)
 
 
 def _load(ckpt: Optional[str], device: str):
@@ -133,9 +138,10 @@ def _generate(args: argparse.Namespace) -> int:
     from difflab.processes import main_process
 
     run, cfg = config_from_args(GenerateRun, args), config_from_args(SampleConfig, args)
-    _check_out(run.out)
+    _check_out(run.out, run.overwrite)
     net, schedule = _load(run.ckpt, cfg.device)
-    seconds = generate_course_set(net, schedule, run.out, cfg, per_class=run.per_class, progress=not run.quiet)
+    seconds = generate_course_set(net, schedule, run.out, cfg, per_class=run.per_class, progress=not run.quiet,
+                                  overwrite=run.overwrite)
     if main_process():  # every launched process runs the command; the main one reports
         print(f"wrote {2 * 10 * run.per_class} images to {run.out} in {seconds:.1f} s")
     return 0

@@ -108,12 +108,14 @@ def generate_images(net, schedule, digits: Tensor, datasets: Tensor, cfg: Sample
     return out
 
 
-def generate_course_set(net, schedule, out_dir: PathLike, cfg: SampleConfig, per_class: int = 50, progress: bool = True) -> float:
+def generate_course_set(net, schedule, out_dir: PathLike, cfg: SampleConfig, per_class: int = 50, progress: bool = True,
+                        overwrite: bool = False) -> float:
     """Write the course's image set into ``out_dir``; returns the seconds spent.
 
     All images are sampled first; the main process then writes them into a staging folder
-    and moves it into place (:func:`difflab.training.publish_folder`), so an interrupted
-    run leaves no partial set behind. With several processes each samples its share of
+    and moves it into place (:func:`difflab.processes.publish_folder`), so an interrupted
+    run leaves no partial set behind. An ``out_dir`` that holds files is refused unless
+    ``overwrite``, which replaces it whole. With several processes each samples its share of
     the batches (on its own GPU: ``net`` is moved there) and sends them to the main one.
     """
     cfg.validate()
@@ -131,6 +133,6 @@ def generate_course_set(net, schedule, out_dir: PathLike, cfg: SampleConfig, per
             for img, name in zip(images, names):
                 save_png((img + 1) / 2, folder / name)
 
-        publish_folder(out_dir, write)
+        publish_folder(out_dir, write, overwrite)
     procs.wait()
     return time.time() - t0

@@ -9,11 +9,19 @@ Every batch (images, steps, noise, dropout masks) is a pure function of
 (seed, step, shard) (:class:`difflab.training.Shards`), so ``--resume`` reproduces an
 uninterrupted run, and one process with batch N x B and N shards draws what N processes
 with batch B draw (docs/multi-process.md).
+
+A resumed run keeps the options that decide its results: it may train more steps and
+change where and how often it reports (:data:`difflab.training.NOT_A_CHANGE`), and its
+batch size only with the process count, keeping the global batch
+(:func:`difflab.training.resume_shards`); any other change is refused. Each leg that
+changes options is recorded under ``legs`` in ``state.json`` and ``train_config.json``
+(which holds the newest leg's options). The main process holds ``RUN/.lock`` while it
+trains (:func:`difflab.training.run_lock`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -21,17 +29,23 @@ from difflab.data import BalancedDigits
 from difflab.digits.config import TrainConfig
 from difflab.io import PathLike, load_json, load_tensors, save_json, save_tensors
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
+from difflab.processes import main_process
 from difflab.schedule import NoiseSchedule, ddpm_loss
 from difflab.training import (
     EMA,
+    LOCK_NAME,
     Loop,
     Shards,
+    add_leg,
+    config_changes,
     cosine_lr,
     make_accelerator,
     module_tensors,
     optimizer_tensors,
+    refuse_changes,
     resume_or_refuse,
     resume_shards,
+    run_lock,
     run_loop,
     seeded_init,
     write_checkpoint,
@@ -63,9 +77,10 @@ def draw_batch(data: BalancedDigits, cfg: TrainConfig, step: int, shards: Option
 
 
 def _save_checkpoint(run_dir: Path, step: int, model, ema: dict, optimizer, cfg: TrainConfig, losses: list[float],
-                     keep: int, processes: Optional[dict] = None) -> Path:
+                     keep: int, processes: Optional[dict] = None, legs: Sequence[dict] = ()) -> Path:
     """Write ``checkpoints/step_XXXXXXX`` atomically (see :func:`difflab.training.write_checkpoint`);
-    ``processes``: the world size, shard count and state digests (:class:`difflab.training.Loop`)."""
+    ``processes``: the world size, shard count and state digests (:class:`difflab.training.Loop`);
+    ``legs``: the resumed legs that changed options (:func:`difflab.training.add_leg`)."""
 
     def write(folder: Path) -> None:
         meta = {"model": cfg.model.to_dict(), "schedule": cfg.schedule, "num_train_steps": cfg.num_train_steps}
@@ -73,22 +88,33 @@ def _save_checkpoint(run_dir: Path, step: int, model, ema: dict, optimizer, cfg:
         save_tensors(ema, folder / "model.safetensors")
         save_tensors(model.state_dict(), folder / "raw.safetensors")
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict(), **(processes or {})},
+        legs_ = {"legs": list(legs)} if legs else {}
+        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict(), **legs_, **(processes or {})},
                   folder / "state.json")
 
     return write_checkpoint(run_dir / "checkpoints", step, write, keep)
 
 
-def _resumed(latest: Optional[Path], cfg: TrainConfig) -> tuple[int, list[float], Optional[dict], int]:
-    """(first step, losses so far, the checkpoint's state, its per-process batch) of a run
-    resumed from checkpoint ``latest`` (None: a new run)."""
+def _resumed(latest: Optional[Path]) -> tuple[int, list[float], Optional[dict], Optional[TrainConfig]]:
+    """(first step, losses so far, the checkpoint's state, its options) of a run resumed
+    from checkpoint ``latest`` (None: a new run)."""
     if latest is None:
-        return 0, [], None, 0
+        return 0, [], None, None
     state = load_json(latest / "state.json")
-    saved = TrainConfig.from_dict(state["train_config"])
-    if saved.model != cfg.model or saved.schedule != cfg.schedule:
-        raise ValueError(f"--resume: {latest} was trained with a different model/schedule config")
-    return int(state["step"]), list(state["losses"]), state, saved.batch_size
+    return int(state["step"]), list(state["losses"]), state, TrainConfig.from_dict(state["train_config"])
+
+
+def _leg_changes(run_dir: Path, saved: Optional[TrainConfig], state: Optional[dict], cfg: TrainConfig,
+                 world: int) -> dict:
+    """The options this leg changes (:func:`difflab.training.config_changes`), after
+    refusing any it may not: more steps, NOT_A_CHANGE, and the batch size together with
+    the process count (``resume_shards`` has checked that the global batch is kept)."""
+    if saved is None:
+        return {}
+    changes = config_changes(saved, cfg)
+    moved = world != int(state.get("world_size", 1))
+    refuse_changes(run_dir, changes, may_change=("batch_size",) if moved else ())
+    return changes
 
 
 def state_tensors(model, ema: dict, optimizer):
@@ -125,11 +151,18 @@ def train(
         ``shards=N`` follows N processes with batch B. A resumed run keeps its own.
     """
     run_dir = Path(run_dir)
+    with run_lock(run_dir / LOCK_NAME, f"run folder {run_dir}", hold=main_process()):
+        return _train(data_root, run_dir, cfg, resume, stop_at, data, progress, sample_fn, shards)
+
+
+def _train(data_root, run_dir: Path, cfg: TrainConfig, resume: bool, stop_at: Optional[int],
+           data: Optional[BalancedDigits], progress: bool, sample_fn: Optional[Callable], shards: Optional[int]) -> list[float]:
     latest = resume_or_refuse(run_dir, resume)
-    start, losses, saved, saved_batch = _resumed(latest, cfg)
+    start, losses, state, saved = _resumed(latest)
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
-    count = resume_shards(latest, saved, world, cfg.batch_size, saved_batch, shards)
+    count = resume_shards(latest, state, world, cfg.batch_size, saved.batch_size if saved else 0, shards)
+    legs = add_leg((state or {}).get("legs", []), start, _leg_changes(run_dir, saved, state, cfg, world))
     rows = Shards(count, cfg.batch_size, world, rank)
     if data is None:
         data = BalancedDigits.from_root(data_root, progress=progress and accelerator.is_main_process)
@@ -146,7 +179,7 @@ def train(
     denoiser = DigitDenoiser(model)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(cfg.to_dict(), run_dir / "train_config.json")
+        save_json({**cfg.to_dict(), **({"legs": legs} if legs else {})}, run_dir / "train_config.json")
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
 
     def loss_step(step: int):
@@ -157,7 +190,7 @@ def train(
 
     def checkpoint(done: int, processes: dict) -> None:
         _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), ema.shadows["model"], optimizer, cfg, losses,
-                         cfg.keep_checkpoints, processes)
+                         cfg.keep_checkpoints, processes, legs)
 
     def sample(done: int) -> None:
         sample_fn(ema.shadows["model"], cfg, run_dir / "samples" / f"step_{done:07d}.png")

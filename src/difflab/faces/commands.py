@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Optional
 
 from difflab.options import (
     Config,
@@ -17,6 +18,7 @@ from difflab.options import (
     device_option,
     option,
     out_option,
+    overwrite_option,
     quiet_option,
     seed_option,
 )
@@ -48,6 +50,7 @@ class Run(Config):
 @dataclass(kw_only=True)
 class GenerateRun(Inputs):
     out: str = out_option("output folder (created if needed): OUT/<stem>.png per noise file")
+    overwrite: bool = overwrite_option()
     batch_size: int = option(10, "images sampled together (10: all ten course noises in one batch)", minimum=1)
 
 
@@ -103,9 +106,9 @@ def _generate(args: argparse.Namespace) -> int:
     from difflab.processes import main_process
 
     io, recipe, run = config_from_args(GenerateRun, args), config_from_args(FaceSampling, args), config_from_args(Run, args)
-    _check_out(io.out, "dir")
+    _check_out(io.out, "dir", io.overwrite)
     paths = generate_dir(io.noise, io.out, io.unet, recipe, batch_size=io.batch_size, device=run.device, seed=run.seed,
-                         progress=not run.quiet)
+                         progress=not run.quiet, overwrite=io.overwrite)
     if main_process():  # every launched process runs the command; the main one reports
         print(f"wrote {len(paths)} images to {io.out}")
     return 0
@@ -123,11 +126,14 @@ def _mse(args: argparse.Namespace) -> int:
     return 0 if mean <= run.max else 1
 
 
-def _check_out(out: str, kind: str) -> None:
-    """Fail now, not after sampling, when the output cannot be written."""
-    from difflab.io import check_output
+def _check_out(out: str, kind: str, overwrite: Optional[bool] = None) -> None:
+    """Fail now, not after sampling, when the output cannot be written or (for a command
+    with ``--overwrite``, ``overwrite`` not None) already holds files."""
+    from difflab.io import check_fresh_output, check_output
 
     check_output(out, kind, "--out")
+    if overwrite is not None:
+        check_fresh_output(out, "--out", overwrite)
 
 
 def _load(inputs: Inputs, names, device: str):

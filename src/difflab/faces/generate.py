@@ -193,12 +193,14 @@ def generate_dir(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """The ``hw2_2.sh`` job: every ``NOISE_DIR/*.pt`` -> ``OUT/<stem>.png``; returns the paths.
 
     All inputs are validated (noise files, then weights) before sampling; images are
     written only after every sample is done, into a staging folder moved into place
-    (:func:`difflab.training.publish_folder`).
+    (:func:`difflab.processes.publish_folder`): an ``out_dir`` that holds files is refused
+    unless ``overwrite``, which replaces it whole.
 
     With several processes each samples whole batches (so use ``batch_size`` < the number
     of noises to share the work) and the main process writes. With eta > 0 the per-step
@@ -234,6 +236,6 @@ def generate_dir(
     gathered = procs.gather(done)
     if procs.is_main:
         images = torch.cat([x for _, x in sorted(gathered, key=lambda r: r[0])])
-        publish_folder(out_dir, lambda folder: save_images(images, names, folder))
+        publish_folder(out_dir, lambda folder: save_images(images, names, folder), overwrite)
     procs.wait()
     return [Path(out_dir) / f"{name}.png" for name in names]

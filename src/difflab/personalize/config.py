@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from difflab.io import check_output, read_templates
+from difflab.io import check_fresh_output, check_output, read_templates
 from difflab.options import (
     Config,
     device_option,
@@ -14,6 +14,7 @@ from difflab.options import (
     mixed_precision_option,
     option,
     out_option,
+    overwrite_option,
     quiet_option,
     resume_option,
     seed_option,
@@ -70,6 +71,9 @@ class TrainConfig(Config):
                            "text, asymmetric objects", minimum=0.0, maximum=1.0)
     seed: int = seed_option()
     resume: bool = resume_option()
+    overwrite: bool = overwrite_option("; here: an embedding file --out that exists already, with the earlier run's "
+                                       "files beside it (resume state, snapshots, validation grids); without it, or "
+                                       "--resume, such an --out is refused")
     embeddings: List[str] = option([], "other learned embeddings to load (frozen), so several concepts live in one "
                                    "model", metavar="FILE")
     validation_prompt: Optional[str] = option(None, "prompt for validation images (use the token in it); "
@@ -94,6 +98,11 @@ class TrainConfig(Config):
             raise ValueError(f"out must end in .safetensors, got {self.out!r}")
         check_output(self.out, "file", "out")
         check_distinct_files(self.embeddings, "embeddings")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run that wrote out, "
+                             "overwrite starts it afresh")
+        if not (self.resume or self.overwrite):
+            check_fresh_file(self.out, "out", [state_path(self.out)])
 
 
 @dataclass
@@ -102,6 +111,7 @@ class GenerateConfig(Config):
 
     json: str = option(help="the course's input.json: {key: {token_name, prompt: [...]}}")
     out: str = out_option("output folder: OUT/KEY/P/sourceKEY_promptP_I.png")
+    overwrite: bool = overwrite_option()
     sd: Optional[str] = option(None, SD_HELP + " (none: the shipped mini model trained on captioned digits, "
                                "src/difflab/assets/mini_sd, see `difflab t2i train`, with its shipped embeddings)")
     embeddings: Tuple[str, ...] = option((), EMBEDDINGS_HELP + "; they win over the ones shipped in "
@@ -126,7 +136,24 @@ class GenerateConfig(Config):
     def validate(self) -> None:
         super().validate()
         check_output(self.out, "dir", "out")
+        check_fresh_output(self.out, "out", self.overwrite)
         check_distinct_files(self.embeddings, "embeddings")
+
+
+def state_path(out) -> Path:
+    """The resume state of the run that writes embedding file ``out``: ``NAME.state.safetensors`` beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".state.safetensors")
+
+
+def check_fresh_file(path, what: str, companions=()) -> None:
+    """Refuse (FileExistsError) to start a new run whose output file ``path`` (or one of
+    ``companions``, an earlier run's files beside it) exists already."""
+    for p in [Path(path), *map(Path, companions)]:
+        if p.exists():
+            found = f"{what} {path} already exists" if p == Path(path) else f"{what} {path}: an earlier run left {p}"
+            raise FileExistsError(f"{found}; pass --resume to continue that run, --overwrite to replace it, or choose "
+                                  f"another {what}")
 
 
 def check_distinct_files(files, name: str) -> None:

@@ -125,7 +125,8 @@ def _load_model(cfg: GenerateConfig, device):
 
 def _write_images(sd, cfg: GenerateConfig, concepts, height: int, width: int, procs: Processes) -> List[Path]:
     """Sample this process's share of the batches; the main process writes every image
-    (into a staging folder moved into place, :func:`difflab.training.publish_folder`)."""
+    (into a staging folder moved into place, :func:`difflab.processes.publish_folder`: an
+    ``out`` that holds files is refused unless ``overwrite``, which replaces it whole)."""
     from tqdm.auto import tqdm
 
     batches = [(c.key, p, prompt, list(range(start, min(start + cfg.batch_size, cfg.images_per_prompt))))
@@ -148,7 +149,7 @@ def _write_images(sd, cfg: GenerateConfig, concepts, height: int, width: int, pr
             for key, p, i, img in gathered:
                 save_png(img, output_path(folder, key, p, i))
 
-        publish_folder(cfg.out, write)
+        publish_folder(cfg.out, write, cfg.overwrite)
     procs.wait()
     return [output_path(cfg.out, key, p, i) for key, p, _, chunk in batches for i in chunk]
 

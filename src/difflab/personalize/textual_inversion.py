@@ -22,8 +22,10 @@ checked, at the end, to be bit-identical on every process.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,8 +35,9 @@ from PIL import Image
 from torch import Tensor
 
 from difflab.io import IMAGE_SUFFIXES, PathLike, list_images, open_rgb, parse_templates, read_templates, save_grid, save_tensors
-from difflab.personalize.config import TrainConfig
+from difflab.personalize.config import TrainConfig, check_fresh_file, state_path
 from difflab.personalize.templates import TEMPLATES
+from difflab.processes import main_process
 from difflab.schedule import ddpm_loss
 from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file, save_embedding
 from difflab.sd.load import DTYPES, UNetDenoiser, load_sd
@@ -46,6 +49,7 @@ from difflab.training import (
     make_accelerator,
     optimizer_tensors,
     resume_shards,
+    run_lock,
     run_loop,
 )
 
@@ -110,10 +114,31 @@ def read_caption_files(files: Sequence[Path]) -> Dict[Path, Tuple[str, ...]]:
     return out
 
 
-def state_path(out: PathLike) -> Path:
-    """Resume state written beside the embedding: ``NAME.state.safetensors``."""
+def lock_path(out: PathLike) -> Path:
+    """The lock a run holds while it trains (:func:`difflab.training.run_lock`): ``NAME.lock``
+    beside the embedding."""
     out = Path(out)
-    return out.with_name(out.stem + ".state.safetensors")
+    return out.with_name(out.stem + ".lock")
+
+
+def validation_dir(out: PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}-validation")
+
+
+def run_files(out: PathLike) -> List[Path]:
+    """What a run that writes ``out`` leaves beside it: the embedding, its resume state,
+    its snapshots and its validation folder (those that exist)."""
+    out = Path(out)
+    snapshots = sorted(out.parent.glob(f"{glob.escape(out.stem)}-step[0-9]*.safetensors"))
+    return [p for p in (out, state_path(out), *snapshots, validation_dir(out)) if p.exists()]
+
+
+def remove_run_files(out: PathLike) -> None:
+    """Remove an earlier run's files beside ``out`` (``overwrite``: the new run replaces
+    them whole, so no old snapshot or grid is left beside the new ones)."""
+    for p in run_files(out):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def step_path(out: PathLike, step: int) -> Path:
@@ -266,6 +291,15 @@ def train_textual_inversion(cfg: TrainConfig, sd=None, shards: Optional[int] = N
     batch N x B and ``shards=N`` follows N processes with batch B.
     """
     files, captions, meta, others = _read_inputs(cfg)  # fail before loading anything big
+    out = Path(cfg.out)
+    with run_lock(lock_path(out), f"--out {out}", hold=main_process()):
+        return _train(cfg, sd, shards, files, captions, meta, others)
+
+
+def _train(cfg: TrainConfig, sd, shards: Optional[int], files: List[Path], captions: List[Tuple[str, ...]],
+           meta: Dict[str, str], others: Dict[str, Tensor]) -> Path:
+    if not (cfg.resume or cfg.overwrite):  # again, under the lock: another run may have written it meanwhile
+        check_fresh_file(cfg.out, "out", [state_path(cfg.out)])
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     if sd is None:
         sd = load_sd(cfg.sd, tokenizer=cfg.tokenizer, config_dir=cfg.config_dir)
@@ -287,6 +321,8 @@ def train_textual_inversion(cfg: TrainConfig, sd=None, shards: Optional[int] = N
     sd.text_encoder.set_input_embeddings(wrapped)
     mean, std = encode_concept_images(sd, files, resolution)
     out = Path(cfg.out)
+    if cfg.overwrite and accelerator.is_main_process:
+        remove_run_files(out)
 
     def save(done: int, processes: dict) -> None:
         save_embedding(out if done == cfg.steps else step_path(out, done), cfg.token, param.detach(), {**meta, "step": str(done)})
@@ -323,4 +359,4 @@ def _validate(sd, cfg: TrainConfig, out: Path, step: int) -> None:
     sd.text_encoder.eval()
     seeds = [cfg.seed * VALIDATION_SEED_STRIDE + k for k in range(cfg.validation_images)]
     images = sample_images(sd, cfg.validation_prompt, seeds, steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale)
-    save_grid(images, out.with_name(f"{out.stem}-validation") / f"step{step:06d}.png", nrow=min(4, len(seeds)))
+    save_grid(images, validation_dir(out) / f"step{step:06d}.png", nrow=min(4, len(seeds)))

@@ -11,7 +11,10 @@ Stages, all on the captioned digits (see :mod:`difflab.t2i.captions`), each in i
 ``OUT`` is then a diffusers-format SD folder. Every batch (images, captions, steps,
 noise) is a pure function of (seed, stage, step, shard) (:class:`difflab.training.Shards`
 on the stage's stream), so ``resume`` reproduces an uninterrupted run, also on another
-number of processes with the same global batch (docs/multi-process.md).
+number of processes with the same global batch (docs/multi-process.md). A resumed leg
+may change options; each change is recorded under ``legs`` in ``mini_sd.json``
+(:func:`difflab.training.config_changes`, :func:`difflab.training.add_leg`). The main
+process holds ``OUT/.lock`` while it trains (:func:`difflab.training.run_lock`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Callable, Optional
 
 from difflab.data import BalancedDigits
 from difflab.io import PathLike, load_json, save_json
+from difflab.processes import main_process
 from difflab.sd.load import load_sd
 from difflab.t2i.config import T2ITrainConfig
 from difflab.t2i.descriptor import descriptor_stage
@@ -27,17 +31,9 @@ from difflab.t2i.diffusion import train_diffusion
 from difflab.t2i.model import build_tokenizer
 from difflab.t2i.stages import Run
 from difflab.t2i.vae import vae_stage
-from difflab.training import make_accelerator, resume_or_refuse, resume_shards
+from difflab.training import LOCK_NAME, add_leg, config_changes, make_accelerator, resume_or_refuse, resume_shards, run_lock
 
 __all__ = ["T2ITrainConfig", "config_changes", "train_t2i"]
-
-NOT_A_CHANGE = {"device", "ckpt_every", "sample_every", "keep_checkpoints"}  # where a leg runs and how often it reports
-
-
-def config_changes(old: T2ITrainConfig, new: T2ITrainConfig) -> dict:
-    """The training options a resumed leg changes: {option: [before, now]} (without NOT_A_CHANGE)."""
-    a, b = old.to_dict(), new.to_dict()
-    return {k: [a.get(k), b[k]] for k in sorted(b) if k not in NOT_A_CHANGE and a.get(k) != b[k]}
 
 
 def _resumed(existing: Optional[Path], cfg: T2ITrainConfig) -> tuple[int, list[float], dict, Optional[dict], int]:
@@ -111,12 +107,18 @@ def train_t2i(
     """
     cfg.validate()
     out = Path(out)
+    with run_lock(out / LOCK_NAME, f"run folder {out}", hold=main_process()):
+        return _train_t2i(data_root, out, cfg, resume, stop_at, data, progress, shards)
+
+
+def _train_t2i(data_root: PathLike, out: Path, cfg: T2ITrainConfig, resume: bool, stop_at: Optional[int],
+               data: Optional[BalancedDigits], progress: bool, shards: Optional[int]) -> list[float]:
     existing = resume_or_refuse(out, resume, started=("vae",))
     start, losses, changed, saved, saved_batch = _resumed(existing, cfg)
     run = _open_run(data_root, out, cfg, data, progress, fresh=existing is None,
                     shards=lambda world: resume_shards(existing, saved, world, cfg.batch_size, saved_batch, shards))
     if changed:  # a leg with other options: keep the history, train_config holds only the newest
-        run.facts["legs"] = run.facts.get("legs", []) + [{"from_step": start, "changed": changed}]
+        run.facts["legs"] = add_leg(run.facts.get("legs", []), start, changed)
     latents, scale = vae_stage(run)
     descriptor = descriptor_stage(run)
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
