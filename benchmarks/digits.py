@@ -14,6 +14,7 @@ images, with its ratio to the first recipe. The real-data floor is printed once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from difflab.digits.generate import generate_course_set
 from difflab.digits.model_io import load_digit_model
 
 HERE = Path(__file__).resolve().parents[1]
-SHARED = HERE.parent / "shared"
+SHARED = Path(os.environ.get("DIFFLAB_SHARED", HERE.parent / "shared"))  # the course material
 CANDIDATES = ["ddim,uniform,10,4", "ddim,quad,5,4", "dpmpp-2m,quad,6,4", "ddim,quad,4,4"]
 
 

@@ -18,6 +18,7 @@ and writes a figure of the samples.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -38,7 +39,7 @@ from difflab.sd.sample import sample_images
 from difflab.t2i.captions import DIGIT_NAMES
 
 HERE = Path(__file__).resolve().parents[1]
-SHARED = HERE.parent / "shared"
+SHARED = Path(os.environ.get("DIFFLAB_SHARED", HERE.parent / "shared"))  # the course material
 
 # (name, prompt, the digit whose rate is reported)
 PROMPTS = (
