@@ -171,9 +171,8 @@ def save_images(images: Tensor, names: Sequence[str], out_dir: PathLike) -> list
 def face_denoiser(model, device: torch.device, channels_last: bool = False):
     """The face UNet on ``device`` behind the Denoiser contract.
 
-    ``channels_last`` stays off by default: on an H200 (benchmarks/faces.py, 50 steps)
-    it made sampling slower, 0.070 against 0.054 s per step at batch 10 and 0.028
-    against 0.022 at batch 1.
+    ``channels_last`` (off by default; benchmarks/faces.py measures both, docs/results.md)
+    hands the network NHWC input.
     """
     from difflab.nets.face_unet import FaceDenoiser
 
