@@ -25,17 +25,17 @@ NULL_DATASET = NUM_DATASETS
 @dataclass
 class DigitUNetConfig(Config):
     """The network's sizes. The upper bounds keep a ``config.json`` (or a command line)
-    from describing a network far beyond any digit model (the shipped one: 64, (1, 2, 2))."""
+    from describing a network far beyond any digit model (the defaults are the shipped model's)."""
 
     channels: int = option(64, "UNet base width", minimum=1, maximum=4096)
-    channel_mults: tuple[int, ...] = option((1, 2, 2), "width multiplier per resolution level", minimum=1, maximum=64)
+    channel_mults: tuple[int, ...] = option((1, 2), "width multiplier per resolution level", minimum=1, maximum=64)
     num_res_blocks: int = option(1, "residual blocks per level", minimum=1, maximum=64)
-    attention_levels: tuple[int, ...] = option((2,), "levels with self-attention (0 = the finest, 28x28)", minimum=0,
+    attention_levels: tuple[int, ...] = option((1,), "levels with self-attention (0 = the finest)", minimum=0,
                                                maximum=16, nargs="*")
     groups: int = option(16, "GroupNorm groups", minimum=1, maximum=4096)
     dropout: float = option(0.0, "dropout in the residual blocks", minimum=0.0, maximum=1.0)
     in_channels: int = option(3, "image channels", minimum=1, maximum=64, cli=False)
-    patch: int = option(1, "pixel-unshuffle factor before the UNet (2: 28x28x3 -> 14x14x12)", minimum=1, maximum=28)
+    patch: int = option(2, "pixel-unshuffle factor before the UNet (2: 28x28x3 -> 14x14x12)", minimum=1, maximum=28)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
