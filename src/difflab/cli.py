@@ -26,6 +26,7 @@ GROUPS = [
     "difflab.faces.commands",
     "difflab.personalize.commands",
     "difflab.t2i.commands",
+    "difflab.report.commands",
 ]
 
 # The library's expected failures: bad input, missing or unwritable files (every
