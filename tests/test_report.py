@@ -47,6 +47,7 @@ class Page(HTMLParser):
 
 def _args(out, clip, zs, *extra):
     return ["report", "--out", str(out), "--per-class", "2", "--steps", "2", "--device", "cpu", "--quiet",
+            "--images-per-prompt", "2",
             "--evaluators", str(EVALUATORS), "--data", str(HW2_DATA), *(["--clip", str(clip)] if clip else []),
             "--zeroshot-dir", str(zs), *extra]
 
@@ -78,12 +79,13 @@ def _digest(folder: Path) -> dict:
 
 def test_report_page_parses_and_every_image_exists(built):
     out, _, _, page = built
-    assert page.sections == {"problem1": "ok", "problem2": "missing", "problem3": "missing", "zeroshot": "ok",
-                             "multiconcept": "missing"}
-    assert len(page.images) == 5  # two grids, two reverse strips, the zero-shot cases
+    assert page.sections == {"problem1": "ok", "problem2": "missing", "problem3": "ok", "zeroshot": "ok",
+                             "multiconcept": "ok"}
+    # two grids, two reverse strips, four Problem 3 contact sheets, the zero-shot cases, two composition sheets
+    assert len(page.images) == 11
     for src in page.images:
         assert not src.startswith(("/", "http")) and (out / src).is_file(), src
-    assert (out / "report.md").read_text().count("![") == 5
+    assert (out / "report.md").read_text().count("![") == 11
 
 
 def test_report_accuracy_equals_digits_evaluate(built, capsys):
@@ -155,3 +157,93 @@ def test_report_refuses_a_folder_that_is_not_a_report(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "notes.txt" in err and "overwrite" in err, err
     assert (tmp_path / "R" / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- Problem 2 (tiny random face UNet)
+@pytest.fixture(scope="module")
+def faces_inputs(tmp_path_factory):
+    import torch
+    from PIL import Image
+
+    from difflab.nets.face_unet import FaceUNet, FaceUNetConfig
+
+    root = tmp_path_factory.mktemp("faces")
+    torch.manual_seed(0)
+    unet = root / "UNet.pt"
+    torch.save(FaceUNet(FaceUNetConfig.tiny(8)).eval().state_dict(), unet)
+    noise, gt = root / "noise", root / "GT"
+    noise.mkdir()
+    gt.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        torch.save(torch.randn(1, 3, 32, 32, generator=g), noise / f"{i:02d}.pt")
+        px = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(gt / f"{i:02d}.png")
+    return unet, noise, gt
+
+
+def test_report_faces_section_equals_faces_mse(built, faces_inputs, tmp_path, capsys):
+    import json
+
+    out, clip, zs, _ = built
+    unet, noise, gt = faces_inputs
+    copy = tmp_path / "R"
+    shutil.copytree(out, copy)
+    t0 = time.perf_counter()
+    assert main(_args(copy, clip, zs, "--faces-noise", str(noise), "--faces-gt", str(gt), "--unet", str(unet))) == 0
+    seconds = time.perf_counter() - t0
+    p = Page()
+    p.feed((copy / "index.html").read_text())
+    assert p.sections["problem2"] == "ok", p.missing.get("problem2")
+    capsys.readouterr()
+    main(["faces", "mse", str(copy / "problem2" / "images"), str(gt)])  # random GT: exit 1 (mean above 20) is fine
+    printed = capsys.readouterr().out.strip()
+    assert p.pre["problem2"][0].strip() == printed
+    nums = json.loads((copy / "report.json").read_text())["problem2"]
+    assert printed.splitlines()[-1].startswith(f"mean\t{nums['mse']['mean']:.4f}")
+    assert sorted(nums["mse"]) == ["00.png", "01.png", "02.png", "03.png", "mean"]
+    for name in ("eta_grid.png", "interpolation.png", "norms.png"):
+        assert f"problem2/{name}" in p.images and (copy / "problem2" / name).is_file()
+    # the norms printed by `faces interpolate`
+    norms = p.pre["problem2"][1].strip().splitlines()
+    assert norms[0].startswith("slerp |z|/sqrt(d): 0:") and norms[1].startswith("lerp |z|/sqrt(d): 0:")
+    assert main(["faces", "interpolate", "--noise", str(noise), "--unet", str(unet), "--out", str(tmp_path / "interp"),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert [ln for ln in capsys.readouterr().out.splitlines() if "|z|/sqrt(d)" in ln] == norms
+    assert seconds < 120, seconds
+
+
+# ----------------------------------------------------------------------------- Problem 3 and multi-concept (mini model)
+@pytest.mark.parametrize("sid, json_name", [("problem3", None), ("multiconcept", "multi.json")])
+def test_report_ti_scores_equal_clip_score(built, capsys, sid, json_name):
+    import json
+
+    out, clip, _, page = built
+    spec = out / sid / json_name if json_name else HW2_DATA / "textual_inversion" / "input.json"
+    capsys.readouterr()
+    assert main(["clip", "score", "--clip", str(clip), "--json", str(spec), "--concepts",
+                 str(HW2_DATA / "textual_inversion"), "--images", str(out / sid / "images"), "--table", "top",
+                 "--device", "cpu", "--quiet"]) == 0
+    printed = [ln for ln in capsys.readouterr().out.strip().splitlines() if not ln.startswith("CLIP:")]
+    assert page.pre[sid][0].strip().splitlines() == printed
+    nums = json.loads((out / "report.json").read_text())[sid]
+    assert printed[-1] == f"You have passed {nums['passed']}/{nums['total']} cases"
+    for v in nums["cases"].values():
+        assert f"top-2 mean: image {v['image']:.2f} (baseline {v['baseline'][0]:g}), text {v['text']:.2f}" in "\n".join(printed)
+    n_cases = 4 if sid == "problem3" else 2
+    assert nums["total"] == n_cases and sum(f"{sid}/" in src for src in page.images) == n_cases
+    assert len(list((out / sid / "images").rglob("*.png"))) == 2 * n_cases
+
+
+def test_report_ti_without_clip_shows_images_and_explains(built, tmp_path):
+    out, _, zs, _ = built
+    copy = tmp_path / "R"
+    shutil.copytree(out, copy)
+    assert main(_args(copy, None, zs)) == 0
+    p = Page()
+    p.feed((copy / "index.html").read_text())
+    for sid in ("problem3", "multiconcept"):
+        assert p.sections[sid] == "ok" and sid not in p.pre
+        note = p.missing[sid][0]
+        assert "--clip" in note and "docs/weights.md" in note and "difflab clip score" in note
+        assert sum(f"{sid}/" in src for src in p.images) == (4 if sid == "problem3" else 2)

@@ -37,14 +37,19 @@ class ReportRun(Config):
     faces_noise: Optional[str] = option(None, "Problem 2 noise folder of *.pt (none: DATA/face/noise if present)")
     faces_gt: Optional[str] = option(None, "Problem 2 ground-truth faces (none: DATA/face/GT if present)")
     unet: Optional[str] = option(None, "the course face UNet.pt (docs/weights.md)")
-    sd: Optional[str] = option(None, "Stable Diffusion weights for Problem 3 (not used yet)")
-    json: Optional[str] = option(None, "the course input.json for Problem 3 (not used yet)")
-    embeddings: tuple[str, ...] = option((), "textual-inversion embedding files for Problem 3 (not used yet)",
-                                         metavar="FILE")
-    clip: Optional[str] = option(None, "a Hugging Face CLIP folder or cached id (docs/weights.md), for the zero-shot section")
+    sd: Optional[str] = option(None, "Stable Diffusion weights for Problem 3 and the multi-concept section (none: the "
+                               "shipped mini digit model and its embeddings; docs/weights.md)")
+    json: Optional[str] = option(None, "the course input.json for Problem 3, reference images in folders beside it "
+                                 "(none: DATA/textual_inversion/input.json)")
+    embeddings: tuple[str, ...] = option((), "textual-inversion embedding files for Problem 3 (they win over the "
+                                         "shipped ones)", metavar="FILE")
+    images_per_prompt: int = option(25, "Problem 3 and multi-concept images per prompt (25: the course's)", minimum=1)
+    clip: Optional[str] = option(None, "a Hugging Face CLIP folder or cached id (docs/weights.md), for the zero-shot "
+                                 "section and the Problem 3 and multi-concept scores")
     zeroshot_dir: Optional[str] = option(None, "zero-shot set: val/ and id2label.json (none: DATA/clip_zeroshot)")
     per_class: int = option(50, "digit images per class per dataset (fidelity needs 4 or more)", minimum=1)
-    steps: Optional[int] = option(None, "digit sampling steps (none: the digits default, 10)", minimum=1)
+    steps: Optional[int] = option(None, "sampling steps (none: the defaults, 10 for digits, 50 for Problem 3 and "
+                                  "multi-concept)", minimum=1)
     seed: int = seed_option()
     device: str = device_option()
     quiet: bool = quiet_option()
@@ -71,9 +76,10 @@ def _report(args: argparse.Namespace) -> int:
     o = ReportOptions(
         data=data, evaluators=Path(run.evaluators) if run.evaluators else shared / "evaluators", ckpt=run.ckpt,
         faces_noise=default(run.faces_noise, data / "face" / "noise"), faces_gt=default(run.faces_gt, data / "face" / "GT"),
-        unet=run.unet, sd=run.sd, json=Path(run.json) if run.json else None, embeddings=tuple(run.embeddings),
+        unet=run.unet, sd=run.sd,
+        json=Path(run.json) if run.json else data / "textual_inversion" / "input.json", embeddings=tuple(run.embeddings),
         clip=run.clip, zeroshot_dir=Path(run.zeroshot_dir) if run.zeroshot_dir else data / "clip_zeroshot",
-        per_class=run.per_class, steps=run.steps, seed=run.seed, device=run.device, quiet=run.quiet,
+        per_class=run.per_class, steps=run.steps, images_per_prompt=run.images_per_prompt, seed=run.seed, device=run.device, quiet=run.quiet,
     )
     log = (lambda m: None) if run.quiet else (lambda m: print(m, file=sys.stderr))
     records = build_report(Path(run.out), o, overwrite=run.overwrite, log=log)

@@ -64,3 +64,39 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: Pat
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def contact_sheet(files: Sequence[Path], path: Path, *, marks: dict[int, str] | None = None, ncols: int = 5,
+                  tile_inches: float = 1.3) -> Path:
+    """Every image of ``files`` in file order, its index under it; ``marks`` (index -> label,
+    e.g. the top-5 ranks) are framed in red with the label above. Small images are upscaled
+    by nearest neighbour."""
+    from PIL import Image
+
+    plt = _plt()
+    marks = marks or {}
+    n = len(files)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * tile_inches, nrows * (tile_inches + 0.35)), dpi=100,
+                             squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.axis("off")
+            continue
+        with Image.open(files[k]) as im:
+            ax.imshow(np.asarray(im.convert("RGB")), interpolation="nearest")
+        ax.set_xlabel(str(k), fontsize=8)
+        marked = k in marks
+        for s in ax.spines.values():
+            s.set_visible(marked)
+            s.set_color("red")
+            s.set_linewidth(3)
+        if marked:
+            ax.set_title(marks[k], fontsize=9, color="red", fontweight="bold")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

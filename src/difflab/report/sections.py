@@ -40,6 +40,7 @@ class ReportOptions:
     zeroshot_dir: Path
     per_class: int
     steps: int | None
+    images_per_prompt: int
     seed: int
     device: str
     quiet: bool
@@ -314,30 +315,219 @@ class ZeroShot:
         return _rec(ZeroShot.id, ZeroShot.title, blocks, numbers)
 
 
-# ----------------------------------------------------------------------------- not built yet
+# ----------------------------------------------------------------------------- Problem 3 and multi-concept
+MINI_COMPOSITION = "a photo of the digit <new1> in the style of <new2>"
+SD_COMPOSITION = "A <new1> perched on a park bench in the style of <new2>."
+
+
+def _ti_needs(o: ReportOptions) -> list[str]:
+    from difflab.assets import SHIPPED_MINI_SD
+
+    out = []
+    if o.json is None or not Path(o.json).is_file():
+        out.append(f"the course input.json (hw2_data/textual_inversion/input.json, reference images in folders 0/ and "
+                   f"1/ beside it): pass --json ({o.json or 'not given'})")
+    if o.sd is None and not (SHIPPED_MINI_SD / "unet" / "config.json").is_file():
+        out.append(f"the shipped mini model is missing at {SHIPPED_MINI_SD}: pass --sd with Stable Diffusion v1.4 "
+                   f"weights ({WEIGHTS_DOC}, 'Stable Diffusion')")
+    elif o.sd is not None and not Path(o.sd).exists():
+        out.append(f"the Stable Diffusion weights {o.sd} do not exist: pass --sd ({WEIGHTS_DOC}, 'Stable Diffusion')")
+    for e in o.embeddings:
+        if not Path(e).is_file():
+            out.append(f"the embedding file {e} does not exist (--embeddings)")
+    return out
+
+
+def _ti_key(o: ReportOptions, extra: dict):
+    from difflab.assets import SHIPPED_EMBEDDINGS, SHIPPED_MINI_SD
+
+    inputs = {"sd": o.sd or SHIPPED_MINI_SD, "json": o.json, "clip": o.clip,
+              "concepts": Path(o.json).parent if o.json else None,
+              "shipped_embeddings": SHIPPED_EMBEDDINGS if o.sd is None else None}
+    inputs.update({f"embedding{i}": e for i, e in enumerate(o.embeddings)})
+    return inputs, {"steps": o.steps, "images_per_prompt": o.images_per_prompt, "seed": o.seed, **extra}
+
+
+def _ti_generate(o: ReportOptions, json_path: Path, out: Path, log):
+    from difflab.personalize.config import GenerateConfig
+    from difflab.personalize.generate import generate_from_json
+    from difflab.sd.load import quiet_libraries
+
+    quiet_libraries()
+    cfg = GenerateConfig(json=str(json_path), out=str(out), sd=o.sd, embeddings=tuple(o.embeddings),
+                         images_per_prompt=o.images_per_prompt, seed=o.seed, device=o.device, quiet=o.quiet,
+                         **({"steps": o.steps} if o.steps else {}))
+    log(f"generating {cfg.images_per_prompt} images per prompt, {cfg.steps} steps")
+    generate_from_json(cfg)
+    return cfg
+
+
+def _ti_flags(o: ReportOptions, cfg) -> str:
+    sd = f" --sd {o.sd}" if o.sd else ""
+    emb = "".join(f" --embeddings {e}" for e in o.embeddings)
+    return f"{sd}{emb} --steps {cfg.steps} --images-per-prompt {cfg.images_per_prompt} --seed {cfg.seed}"
+
+
+def _ti_score(o: ReportOptions, json_path: Path, concept_root: Path, gen: Path, final_gen: Path, log):
+    """Score like `difflab clip score` (clip/commands.py, _score); the printed folders are
+    the final ones (``gen`` is the staging copy of ``final_gen``)."""
+    from difflab.clip import score as S
+    from difflab.clip.model import load_clip
+
+    concepts = S.load_spec(json_path)
+    S.plan_scoring(concepts, concept_root, gen, expected=o.images_per_prompt)
+    clip = load_clip(o.clip, o.device)
+    results = S.score_concepts(clip, concepts, concept_root, gen, progress=not o.quiet, warn=lambda m: None)
+    for r in results:
+        r.generated_dir = str(final_gen / Path(r.generated_dir).relative_to(gen))
+        r.warning = ""
+    return results
+
+
+def _ti_blocks(results, scored_json: Path, concept_root: Path, final_gen: Path, clip: str, rel: str) -> tuple[list, dict]:
+    from difflab.clip import score as S
+
+    blocks = [text("CLIP image score (mean 100*cos with the concept's reference images) and text score (100*cos "
+                   "with prompt_4_clip_eval) of the 5 images ranked best by image + 2.5*text, against the "
+                   "baselines; PASS when both means reach them (the lines `difflab clip score --table top` prints):"),
+              pre("\n".join([S.format_case(r, "top") for r in results] + [S.summary_line(results)])),
+              command(f"difflab clip score --clip {clip} --json {scored_json} --concepts {concept_root} "
+                      f"--images {final_gen} --table top")]
+    numbers = {"passed": sum(r.passed for r in results), "total": len(results),
+               "cases": {f"{r.key}/{r.prompt_index}": {"image": round(r.mean_image, 2), "text": round(r.mean_text, 2),
+                                                      "baseline": [r.baseline_image, r.baseline_text],
+                                                      "pass": r.passed, "top": [r.files[n] for n in r.top]}
+                         for r in results}}
+    return blocks, numbers
+
+
+def _contact_sheets(concepts, gen: Path, folder: Path, rel: str, results, name: str = "sheet") -> list:
+    from difflab.io import list_images
+    from difflab.report.figures import contact_sheet
+
+    by_case = {(r.key, r.prompt_index): r for r in results or []}
+    blocks = []
+    for c in concepts:
+        for p, prompt in enumerate(c.prompts):
+            files = list_images(gen / c.key / str(p))
+            r = by_case.get((c.key, p))
+            marks = {n: f"#{k + 1}" for k, n in enumerate(r.top)} if r else {}
+            fname = f"{name}_{c.key}_{p}.png"
+            contact_sheet(files, folder / fname, marks=marks)
+            what = (f"; the top {len(r.top)} by image + 2.5*text are framed in red with their rank "
+                    f"({'PASS' if r.passed else 'FAIL'})") if r else "; no CLIP scores (pass --clip)"
+            blocks.append(figure(rel, fname, f"Concept {c.key} ({c.src_image}), prompt {p}: \"{prompt}\": "
+                                 f"all {len(files)} images, in file order (index under each){what}."))
+    return blocks
+
+
+def _no_clip(rel_cmd: str) -> dict:
+    return missing(f"CLIP scores not computed: pass --clip with a Hugging Face CLIP folder or cached id (CLIP "
+                   f"ViT-B/32, openai/clip-vit-base-patch32, the grader's model; where it comes from: {WEIGHTS_DOC}, "
+                   f"'CLIP ViT-B/32'), or score the images by hand: {rel_cmd}")
+
+
 class Personalize:
     id, title = "problem3", "Problem 3: textual inversion against the baselines"
 
-    @staticmethod
-    def needs(o: ReportOptions) -> list[str]:
-        return ["this section is not implemented in this version of `difflab report`. Run it by hand: "
-                "`difflab ti generate --json INPUT_JSON --out GEN` (the shipped mini model and embeddings, or --sd and "
-                f"--embeddings, see {WEIGHTS_DOC}) then `difflab clip score --clip CLIP --json INPUT_JSON "
-                "--concepts hw2_data/textual_inversion --images GEN`"]
+    needs = staticmethod(_ti_needs)
 
-    key_parts = staticmethod(lambda o: ({}, {}))
+    @staticmethod
+    def key_parts(o: ReportOptions):
+        return _ti_key(o, {})
+
+    @staticmethod
+    def build(o: ReportOptions, folder: Path, rel: str, log: Callable[[str], None]) -> dict:
+        from difflab.io import read_course_json
+
+        final = folder.parent / rel
+        json_path = Path(o.json).resolve()
+        concept_root = json_path.parent
+        gen = folder / "images"
+        cfg = _ti_generate(o, json_path, gen, lambda m: log(f"problem 3: {m}"))
+        concepts = read_course_json(json_path)
+        model = f"Stable Diffusion {o.sd}" if o.sd else "the shipped 32x32 mini digit model (no --sd) and its embeddings"
+        blocks = [text(f"Images from {model}: {cfg.images_per_prompt} per prompt, {cfg.sampler} {cfg.steps} steps, "
+                       f"guidance {cfg.guidance_scale:g}, seed {cfg.seed}, in R/{rel}/images/KEY/P (R: this report "
+                       "folder)." + ("" if o.sd else " The mini model draws digits, not the course's dog and painting "
+                                     "style: its scores against the course references are expected to fail.")),
+                  command(f"difflab ti generate --json {json_path} --out GEN{_ti_flags(o, cfg)}")]
+        numbers: dict = {"images_per_prompt": cfg.images_per_prompt, "steps": cfg.steps}
+        results = None
+        if o.clip:
+            log("problem 3: CLIP scores")
+            results = _ti_score(o, json_path, concept_root, gen, final / "images", log)
+            b, n = _ti_blocks(results, json_path, concept_root, final / "images", o.clip, rel)
+            blocks += b
+            numbers.update(n)
+        else:
+            blocks.append(_no_clip(f"`difflab clip score --clip CLIP --json {json_path} --concepts {concept_root} "
+                                   f"--images R/{rel}/images`"))
+        blocks += _contact_sheets(concepts, gen, folder, rel, results)
+        return _rec(Personalize.id, Personalize.title, blocks, numbers)
 
 
 class MultiConcept:
     id, title = "multiconcept", "Multi-concept composition"
 
-    @staticmethod
-    def needs(o: ReportOptions) -> list[str]:
-        return ["this section is not implemented in this version of `difflab report` (it needs a composition "
-                "prompt with both concept tokens, generated with `difflab ti generate` and scored with `difflab clip "
-                "score`)"]
+    needs = staticmethod(_ti_needs)
 
-    key_parts = staticmethod(lambda o: ({}, {}))
+    @staticmethod
+    def prompt(o: ReportOptions) -> str:
+        return SD_COMPOSITION if o.sd else MINI_COMPOSITION
+
+    @staticmethod
+    def key_parts(o: ReportOptions):
+        return _ti_key(o, {"prompt": MultiConcept.prompt(o)})
+
+    @staticmethod
+    def build(o: ReportOptions, folder: Path, rel: str, log: Callable[[str], None]) -> dict:
+        import json
+
+        from difflab.io import read_course_json
+
+        final = folder.parent / rel
+        json_path = Path(o.json).resolve()
+        concept_root = json_path.parent
+        course = {c.key: c for c in read_course_json(json_path)}
+        spec = json.loads(json_path.read_text())
+        by_token = {c.token: c for c in course.values()}
+        if "<new1>" not in by_token or "<new2>" not in by_token:
+            raise ValueError(f"{json_path}: the composition needs concepts with tokens <new1> and <new2>, found "
+                             f"{', '.join(sorted(by_token))}")
+        prompt = MultiConcept.prompt(o)
+        eval_prompt = prompt
+        for tok, c in by_token.items():
+            eval_prompt = eval_prompt.replace(tok, c.src_image)
+        # the composition prompt under each concept's key: `ti generate` draws it for both (different seeds) and
+        # `clip score` scores each key's images against that concept's references; baselines: each concept's
+        # first prompt's, for comparison
+        pair = (by_token["<new1>"], by_token["<new2>"])
+        multi = {c.key: {"src_image": c.src_image, "token_name": c.token, "prompt": [prompt],
+                         "prompt_4_clip_eval": [eval_prompt], "baseline": [list(spec[c.key]["baseline"][0])]}
+                 for c in pair}
+        (folder / "multi.json").write_text(json.dumps(multi, indent=2) + "\n")
+        gen = folder / "images"
+        cfg = _ti_generate(o, folder / "multi.json", gen, lambda m: log(f"multi-concept: {m}"))
+        blocks = [text(f"The composition prompt \"{prompt}\" with both learned tokens (CLIP text: \"{eval_prompt}\"), "
+                       f"drawn under each concept's key (different seeds): {cfg.images_per_prompt} images each, "
+                       f"{cfg.sampler} {cfg.steps} steps, seed {cfg.seed}, in R/{rel}/images/KEY/0; R/{rel}/multi.json "
+                       "is the prompt file. Each key's images are scored against that concept's references; the "
+                       "baselines are each concept's first prompt's, for comparison."),
+                  command(f"difflab ti generate --json R/{rel}/multi.json --out GEN{_ti_flags(o, cfg)}")]
+        numbers: dict = {"prompt": prompt, "images_per_prompt": cfg.images_per_prompt}
+        results = None
+        if o.clip:
+            log("multi-concept: CLIP scores")
+            results = _ti_score(o, folder / "multi.json", concept_root, gen, final / "images", log)
+            b, n = _ti_blocks(results, final / "multi.json", concept_root, final / "images", o.clip, rel)
+            blocks += b
+            numbers.update(n)
+        else:
+            blocks.append(_no_clip(f"`difflab clip score --clip CLIP --json R/{rel}/multi.json --concepts "
+                                   f"{concept_root} --images R/{rel}/images`"))
+        blocks += _contact_sheets(read_course_json(folder / "multi.json"), gen, folder, rel, results, "composition")
+        return _rec(MultiConcept.id, MultiConcept.title, blocks, numbers)
 
 
 SECTIONS = (Digits, Faces, Personalize, ZeroShot, MultiConcept)
