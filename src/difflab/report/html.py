@@ -57,7 +57,7 @@ def render_markdown(records: Sequence[dict], title: str = "difflab course report
             elif k == "command":
                 out += [f"Reproduce: `{b['text']}`", ""]
             elif k == "missing":
-                out += [f"> **Not built:** {b['text']}", ""]
+                out += [f"> {b['text']}", ""]
             elif k == "figure":
                 out += [f"![{b['caption']}]({b['file']})", "", f"*{b['caption']}*", ""]
     return "\n".join(out)
