@@ -102,31 +102,11 @@ class Digits:
         return o.per_class >= 4 and (o.data / "digits" / "mnistm").is_dir() and (o.data / "digits" / "svhn").is_dir()
 
     @staticmethod
-    def build(o: ReportOptions, folder: Path, rel: str, log: Callable[[str], None]) -> dict:
-        import torch
-
-        from difflab.data import DATASETS
-        from difflab.devices import resolve_device
-        from difflab.digits.config import SampleConfig
+    def _scores(o: ReportOptions, images: Path, rel: str, device, blocks: list, numbers: dict,
+                log: Callable[[str], None]) -> None:
+        """The grader's accuracy lines and the fidelity numbers of ``images``, appended."""
         from difflab.digits.evaluate import evaluate_fidelity, evaluate_folder, format_fidelity, format_report
-        from difflab.digits.figures import SNAPSHOT_TIMES, digit_grid, reverse_process
-        from difflab.digits.generate import generate_course_set
-        from difflab.digits.model_io import SHIPPED_DIR, load_digit_model
-        from difflab.report.figures import labelled_grid
 
-        device = resolve_device(o.device)
-        cfg = SampleConfig(seed=o.seed, device=o.device, **({"steps": o.steps} if o.steps else {}))
-        net, schedule, _ = load_digit_model(o.ckpt or SHIPPED_DIR, device=device)
-        ckpt_flag = f" --ckpt {o.ckpt}" if o.ckpt else ""
-        steps_flag = f" --steps {o.steps}" if o.steps else ""
-        blocks, numbers = [], {}
-        images = folder / "images"
-        log(f"problem 1: generating {20 * o.per_class} images")
-        generate_course_set(net, schedule, images, cfg, per_class=o.per_class, progress=not o.quiet)
-        blocks.append(text(f"{o.per_class} images per digit per dataset ({20 * o.per_class} in all) in R/{rel}/images (R: this report folder), "
-                           f"DDIM {cfg.steps} steps, guidance scale {cfg.guidance_scale:g}, seed {cfg.seed}."))
-        blocks.append(command(f"difflab digits generate{ckpt_flag} --out OUT --per-class {o.per_class}{steps_flag} "
-                              f"--seed {o.seed}"))
         c = Digits._classifiers(o)
         if all(p.is_file() for p in c.values()):
             acc = evaluate_folder(images, c["mnistm"], c["svhn"], device=device)
@@ -154,6 +134,16 @@ class Digits:
             blocks.append(missing(f"Fidelity not computed: it needs the real digits in the course layout at "
                                   f"{o.data / 'digits'} (mnistm/, svhn/; --data) and --per-class 4 or more "
                                   f"(given {o.per_class})."))
+
+    @staticmethod
+    def _figures(net, schedule, cfg, folder: Path, rel: str, blocks: list, log: Callable[[str], None]) -> None:
+        """The labelled 10x10 grids and reverse-process strips of both datasets, appended."""
+        import torch
+
+        from difflab.data import DATASETS
+        from difflab.digits.figures import SNAPSHOT_TIMES, digit_grid, reverse_process
+        from difflab.report.figures import labelled_grid
+
         with torch.inference_mode():
             for s, name in enumerate(DATASETS):
                 log(f"problem 1: figures {name}")
@@ -168,6 +158,30 @@ class Digits:
                 blocks.append(figure(rel, f"reverse_{name}.png", f"{name}: the reverse process of the first '0' "
                                      f"({name}/0_001.png): x_t after the sampler step that reaches each labelled "
                                      "timestep; t=1000 is the starting noise, t=0 the final image."))
+
+    @staticmethod
+    def build(o: ReportOptions, folder: Path, rel: str, log: Callable[[str], None]) -> dict:
+
+        from difflab.devices import resolve_device
+        from difflab.digits.config import SampleConfig
+        from difflab.digits.generate import generate_course_set
+        from difflab.digits.model_io import SHIPPED_DIR, load_digit_model
+
+        device = resolve_device(o.device)
+        cfg = SampleConfig(seed=o.seed, device=o.device, **({"steps": o.steps} if o.steps else {}))
+        net, schedule, _ = load_digit_model(o.ckpt or SHIPPED_DIR, device=device)
+        ckpt_flag = f" --ckpt {o.ckpt}" if o.ckpt else ""
+        steps_flag = f" --steps {o.steps}" if o.steps else ""
+        blocks, numbers = [], {}
+        images = folder / "images"
+        log(f"problem 1: generating {20 * o.per_class} images")
+        generate_course_set(net, schedule, images, cfg, per_class=o.per_class, progress=not o.quiet)
+        blocks.append(text(f"{o.per_class} images per digit per dataset ({20 * o.per_class} in all) in R/{rel}/images (R: this report folder), "
+                           f"DDIM {cfg.steps} steps, guidance scale {cfg.guidance_scale:g}, seed {cfg.seed}."))
+        blocks.append(command(f"difflab digits generate{ckpt_flag} --out OUT --per-class {o.per_class}{steps_flag} "
+                              f"--seed {o.seed}"))
+        Digits._scores(o, images, rel, device, blocks, numbers, log)
+        Digits._figures(net, schedule, cfg, folder, rel, blocks, log)
         blocks.append(command(f"difflab digits figures{ckpt_flag} --out OUT{steps_flag} --seed {o.seed}"))
         return _rec(Digits.id, Digits.title, blocks, numbers)
 
@@ -194,6 +208,24 @@ class Faces:
         return {"noise": o.faces_noise, "gt": o.faces_gt, "unet": o.unet}, {"seed": o.seed}
 
     @staticmethod
+    def _mse(o: ReportOptions, folder: Path, recipe, blocks: list, numbers: dict, log: Callable[[str], None]) -> None:
+        """Generate the course faces and append their MSE lines as ``faces mse`` prints them."""
+        from difflab.faces.generate import generate_dir
+        from difflab.faces.mse import folder_mse
+
+        log("problem 2: generating faces")
+        generate_dir(o.faces_noise, folder / "images", o.unet, recipe, device=o.device, seed=o.seed, progress=not o.quiet)
+        scores = folder_mse(folder / "images", o.faces_gt)
+        mean = sum(scores.values()) / len(scores)
+        lines = [f"{n}\t{v:.4f}" for n, v in scores.items()]
+        lines.append(f"mean\t{mean:.4f}\t({len(scores)} images, max 20: {'ok' if mean <= 20 else 'FAIL'})")
+        blocks += [text("MSE on 0-255 RGB pixels against the ground truth, per image and mean:"), pre("\n".join(lines)),
+                   command(f"difflab faces generate --noise {o.faces_noise} --unet {o.unet} --out OUT && "
+                           f"difflab faces mse OUT {o.faces_gt}")]
+        numbers["mse"] = {n: round(v, 4) for n, v in scores.items()}
+        numbers["mse"]["mean"] = round(mean, 4)
+
+    @staticmethod
     def build(o: ReportOptions, folder: Path, rel: str, log: Callable[[str], None]) -> dict:
         import torch
 
@@ -206,24 +238,13 @@ class Faces:
             interpolation_rows,
             relative_norms,
         )
-        from difflab.faces.generate import FaceSampling, face_denoiser, generate_dir, load_noise_dir
+        from difflab.faces.generate import FaceSampling, face_denoiser, load_noise_dir
         from difflab.faces.model_io import load_face_unet
-        from difflab.faces.mse import folder_mse
         from difflab.io import make_grid
         from difflab.report.figures import labelled_grid, line_plot
 
         recipe, blocks, numbers = FaceSampling(), [], {}
-        log("problem 2: generating faces")
-        generate_dir(o.faces_noise, folder / "images", o.unet, recipe, device=o.device, seed=o.seed, progress=not o.quiet)
-        scores = folder_mse(folder / "images", o.faces_gt)
-        mean = sum(scores.values()) / len(scores)
-        lines = [f"{n}\t{v:.4f}" for n, v in scores.items()]
-        lines.append(f"mean\t{mean:.4f}\t({len(scores)} images, max 20: {'ok' if mean <= 20 else 'FAIL'})")
-        blocks += [text("MSE on 0-255 RGB pixels against the ground truth, per image and mean:"), pre("\n".join(lines)),
-                   command(f"difflab faces generate --noise {o.faces_noise} --unet {o.unet} --out OUT && "
-                           f"difflab faces mse OUT {o.faces_gt}")]
-        numbers["mse"] = {n: round(v, 4) for n, v in scores.items()}
-        numbers["mse"]["mean"] = round(mean, 4)
+        Faces._mse(o, folder, recipe, blocks, numbers, log)
         dev = resolve_device(o.device)
         den = face_denoiser(load_face_unet(o.unet), dev)
         names = ("00", "01", "02", "03")
