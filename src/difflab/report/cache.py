@@ -36,6 +36,8 @@ def fingerprint(path: os.PathLike | str | None) -> Any:
 
 
 def section_key(section: str, inputs: dict[str, Any], options: dict[str, Any]) -> str:
-    body = {"v": KEY_VERSION, "section": section, "inputs": {k: fingerprint(v) for k, v in inputs.items()},
+    from difflab import __version__  # another difflab may draw or score differently
+
+    body = {"v": KEY_VERSION, "difflab": __version__, "section": section, "inputs": {k: fingerprint(v) for k, v in inputs.items()},
             "options": options}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
