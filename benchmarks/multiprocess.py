@@ -1,7 +1,7 @@
 """Benchmark: 2 processes x 1 thread against 1 process x 2 threads on this machine's CPUs,
 for a digit training step and for digit generation.
 
-- train: ``difflab.digits.train.train`` with the shipped digit UNet's size (64, (1, 2, 2))
+- train: ``difflab.digits.train.train`` with the shipped digit UNet's size (the config defaults)
   on random in-memory digits; two processes with ``--batch-size B`` each (gloo all-reduce
   of the gradients) against one process with ``2 B`` and two shards (the same rows). The
   time of a step is (time of ``--steps`` + ``--warmup`` steps - time of ``--warmup``
