@@ -33,6 +33,7 @@ from difflab.data import BalancedDigits, read_csv
 from difflab.digits.evaluate import load_classifier
 from difflab.io import save_grid
 from difflab.personalize.generate import image_seed
+from difflab.sampling import SAMPLERS
 from difflab.sd.concepts import add_concept, init_vectors, read_embedding_file
 from difflab.sd.load import load_sd
 from difflab.sd.sample import sample_images
@@ -197,7 +198,8 @@ def load_embeddings(files) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 @torch.no_grad()
-def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, guidance: float, seed: int = 0) -> dict:
+def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, guidance: float, seed: int = 0,
+                      sampler: str = "ddim") -> dict:
     """How well the model itself follows the digit names it was trained on: for each
     trained caption that names a digit (every digit but 7, both caption forms), the
     fraction of ``images`` samples classified as that digit and as SVHN. What textual
@@ -212,14 +214,15 @@ def named_digit_rates(sd, domain_net, digit_nets, *, images: int, steps: int, gu
                 continue
             prompt = caption(d, dataset, named=True)
             seeds = [image_seed(seed, prompt, 0, i) for i in range(images)]
-            r_digit, r_svhn, _ = rates(sample_images(sd, prompt, seeds, steps=steps, guidance_scale=guidance), d, domain_net, digit_nets)
+            r_digit, r_svhn, _ = rates(sample_images(sd, prompt, seeds, steps=steps, guidance_scale=guidance, sampler=sampler), d,
+                                             domain_net, digit_nets)
             hits, svhn, n = hits + r_digit * images, svhn + r_svhn * images, n + images
         out[form] = (hits / n, svhn / n)
     return out
 
 
 def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps: int = 50, guidance: float = 7.5,
-            seeds=(0,), named: int = 0, cases=None, log=print) -> tuple[list[dict], torch.Tensor, float]:
+            seeds=(0,), named: int = 0, cases=None, log=print, sampler: str = "ddim") -> tuple[list[dict], torch.Tensor, float]:
     """Generate ``images`` per prompt of PROMPTS and per base seed in ``seeds`` (each seed
     its own starting noises) with the learned embeddings and with the same tokens at 0
     steps; return (rows, the first seed's learned-embedding images [P, N, 3, 32, 32],
@@ -245,10 +248,10 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
                   load_classifier("svhn", evaluators / "svhn_classifier.pth")]
     probe = load_sd(model)
     zero = {tok: init_vectors(probe, init_words[tok] or "digit", learned[tok].shape[0]) for tok in learned}
-    log(f"model {model}; {images} images per prompt, DDIM {steps} steps, guidance s={guidance}; init words {init_words}")
+    log(f"model {model}; {images} images per prompt, {sampler} {steps} steps, guidance s={guidance}; init words {init_words}")
     if named:
         for form, (r_digit, r_svhn) in named_digit_rates(probe, domain_net, digit_nets, images=named, steps=steps,
-                                                         guidance=guidance, seed=seeds[0]).items():
+                                                         guidance=guidance, seed=seeds[0], sampler=sampler).items():
             log(f"  named digits ({form}, {named} images x 9 digits): right digit {r_digit:.3f}, SVHN domain {r_svhn:.3f}")
     rows, shown = [], []
     prompts = [p for p in PROMPTS if cases is None or p[0] in cases]
@@ -258,7 +261,7 @@ def measure(model, embeddings, data_root, evaluators, *, images: int = 25, steps
             for name, prompt, digit in prompts:
                 t = time.time()
                 imgs = sample_images(sd, prompt, [image_seed(seed, name, 0, i) for i in range(images)], steps=steps,
-                                     guidance_scale=guidance)
+                                     guidance_scale=guidance, sampler=sampler)
                 r_digit, r_svhn, preds = rates(imgs, digit, domain_net, digit_nets)
                 rows.append(dict(seed=seed, embedding=label, case=name, prompt=prompt, digit=digit, rate_digit=r_digit,
                                  rate_svhn=r_svhn, predictions=preds, seconds=time.time() - t))
@@ -342,7 +345,8 @@ def evaluate(args) -> int:
     try:
         rows, shown, _ = measure(args.model, args.embeddings, args.data, args.evaluators, images=args.images,
                                  steps=args.steps, guidance=args.guidance, seeds=args.seeds,
-                                 named=args.named, cases=args.cases, log=lambda m: print(m, flush=True))
+                                 named=args.named, cases=args.cases, log=lambda m: print(m, flush=True),
+                                 sampler=args.sampler)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -384,7 +388,8 @@ def main(argv=None) -> int:
     e.add_argument("--data", default=str(SHARED / "hw2_data" / "digits"), help="digit data (for the domain classifier)")
     e.add_argument("--evaluators", default=str(SHARED / "evaluators"), help="folder with the two digit classifiers")
     e.add_argument("--images", type=int, default=25, help="images per prompt")
-    e.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    e.add_argument("--steps", type=int, default=50, help="sampling steps")
+    e.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler (difflab.sampling.SAMPLERS)")
     e.add_argument("--guidance", type=float, default=7.5, help="guidance scale s (SD convention)")
     e.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0],
                    help="base seeds of the images: each gives every prompt its own --images starting noises, and the "
