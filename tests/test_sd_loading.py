@@ -259,3 +259,55 @@ def test_half_precision_is_refused_on_cpu():
     with pytest.raises(ValueError, match="fp16"):
         sdmod.parse_dtype("fp16", "cpu")
     assert sdmod.parse_dtype("bf16", "cuda") is torch.bfloat16
+
+
+# ------------------------------------------------- difflab's own SD v1 networks (no diffusers)
+@pytest.mark.parametrize("name", ["model.safetensors", "model.ckpt"])
+def test_own_networks_read_the_file_diffusers_reads(tiny, name):
+    """The same CompVis file into difflab.nets.ldm (keys as they are) and into diffusers'
+    classes (keys converted by diffusers): the text states are identical, the UNet's eps
+    and the VAE's images agree to float rounding (the VAE's attention is summed in
+    another order: a few 1e-6)."""
+    root, folder, ref = tiny
+    own = load_sd(root / name, config_dir=folder, tokenizer=folder / "tokenizer", networks="ldm")
+    theirs = load_sd(root / name, config_dir=folder, tokenizer=folder / "tokenizer", networks="diffusers")
+    assert type(own.unet).__name__ == "LdmUNet" and type(theirs.unet).__name__ == "UNet2DConditionModel"
+    assert (own.resolution, own.latent_channels, own.latent_scale, own.text_width) == \
+        (theirs.resolution, theirs.latent_channels, theirs.latent_scale, theirs.text_width)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 977])
+    with torch.no_grad():
+        cond = own.encode_text(["a photo of the dog", "a house"])
+        assert torch.equal(cond, theirs.encode_text(["a photo of the dog", "a house"]))
+        eps = UNetDenoiser(own.unet)(x, t, cond)
+        ref_eps = UNetDenoiser(theirs.unet)(x, t, cond)
+        assert eps.abs().max() > 0.1
+        torch.testing.assert_close(eps, ref_eps, rtol=0, atol=1e-5)
+        torch.testing.assert_close(own.decode(x), theirs.decode(x), rtol=0, atol=1e-5)
+
+
+def test_networks_choice_and_its_errors(tiny, monkeypatch):
+    root, folder, ref = tiny
+    monkeypatch.setenv(sdmod.NETWORKS_ENV, "keras")
+    with pytest.raises(ValueError, match="DIFFLAB_SD_NETWORKS must be one of auto, diffusers, ldm, got 'keras'"):
+        load_sd(root / "model.ckpt", config_dir=folder, tokenizer=folder / "tokenizer")
+    monkeypatch.setenv(sdmod.NETWORKS_ENV, "ldm")
+    assert sdmod.networks_kind() == "ldm" and sdmod.networks_kind("diffusers") == "diffusers"
+    with pytest.raises(ModuleNotFoundError, match=r"diffusers-format folder, which needs diffusers' networks \(pip install"):
+        load_sd(folder)
+    monkeypatch.delenv(sdmod.NETWORKS_ENV)
+    assert sdmod.networks_kind() == "diffusers"  # installed here
+    real = sdmod.importlib.util.find_spec
+    monkeypatch.setattr(sdmod.importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert sdmod.networks_kind() == "ldm"  # the course environment: no diffusers
+    with pytest.raises(ModuleNotFoundError, match="DIFFLAB_SD_NETWORKS=diffusers, but diffusers is not installed"):
+        sdmod.networks_kind("diffusers")
+
+
+def test_config_dir_from_the_environment(tiny, monkeypatch):
+    """$DIFFLAB_SD_CONFIG stands for --config-dir (hw2_3.sh passes only the checkpoint)."""
+    root, folder, ref = tiny
+    with pytest.raises(ValueError, match="model.ckpt"):  # the carried SD v1 configs do not fit the tiny file
+        load_sd(root / "model.ckpt", tokenizer=folder / "tokenizer", networks="ldm")
+    monkeypatch.setenv(sdmod.CONFIG_ENV, str(folder))
+    assert_same_weights(load_sd(root / "model.ckpt", tokenizer=folder / "tokenizer"), ref)

@@ -151,3 +151,51 @@ def save_random_clip(folder: PathLike, size: str = "tiny", seed: int = 0) -> Pat
     # feature-extractor keys): shortest side 224, bicubic (PIL resample 3), centre crop 224.
     (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2) + "\n")
     return folder
+
+
+# ------------------------------------------------------- tiny CompVis-format SD checkpoint
+def tiny_text_config(vocab_size: int) -> dict:
+    """The tiny CLIP text encoder's settings, as a ``text_encoder.json`` for ``config_dir``
+    (only keys every transformers release since 4.19 reads the same way)."""
+    return dict(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                pad_token_id=vocab_size - 1, **TINY_TEXT)
+
+
+def save_tiny_compvis(folder: PathLike, seed: int = 0, scale: float = 0.05) -> Path:
+    """Write a tiny random SD v1-style model in the original single-file form:
+    ``folder/model.ckpt`` (``{"state_dict": ...}`` with CompVis key names, betas included),
+    ``folder/tokenizer/`` beside it, and ``folder/configs/`` ({unet,vae,text_encoder}.json)
+    for ``config_dir`` / ``$DIFFLAB_SD_CONFIG``; return the checkpoint's path.
+
+    Every weight is perturbed by ``scale`` * N(0, 1) so that layers initialised to zero
+    still carry signal through a comparison of two implementations."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difflab.nets.ldm import LdmUNet, LdmVAE
+    from difflab.sd.load import read_config, schedule_from_config
+
+    folder = Path(folder)
+    tok = tiny_tokenizer(folder / "tokenizer")
+    text_cfg = tiny_text_config(len(tok))
+    configs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": text_cfg}
+    (folder / "configs").mkdir(parents=True, exist_ok=True)
+    for name, cfg in configs.items():
+        (folder / "configs" / f"{name}.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nets = {"unet": LdmUNet(TINY_UNET), "vae": LdmVAE(TINY_VAE), "text_encoder": CLIPTextModel(CLIPTextConfig(**text_cfg))}
+        state = {}
+        for name, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model."),
+                             ("text_encoder", "cond_stage_model.transformer.")):
+            for key, value in nets[name].state_dict().items():
+                if name == "text_encoder" and not key.startswith("text_model."):
+                    key = "text_model." + key  # the level SD v1 files carry (transformers 5 drops it)
+                if value.is_floating_point():
+                    value = value + scale * torch.randn_like(value)
+                state[prefix + key] = value.detach().clone()
+    n = TINY_TEXT["max_position_embeddings"]
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n).unsqueeze(0)
+    state["betas"] = schedule_from_config(read_config("scheduler")).betas.float()
+    path = folder / "model.ckpt"
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    return path

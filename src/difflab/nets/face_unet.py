@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.nets.attention import attention
+
 
 @dataclass(frozen=True)
 class FaceUNetConfig:
@@ -130,7 +132,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # each [B, C, HW]
         # [B, 1, HW, C] so that SDPA's default scale is 1/sqrt(C).
         q, k, v = (z.transpose(1, 2).unsqueeze(1) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        a = attention(q, k, v)  # [B, 1, HW, C]
         a = a.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.out(a)
 

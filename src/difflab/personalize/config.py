@@ -26,7 +26,9 @@ from difflab.sampling import SAMPLERS
 SD_HELP = (
     "Stable Diffusion v1.x: an original single-file checkpoint (sd-v1-4.ckpt or .safetensors, "
     "CompVis key names), a diffusers-format folder with unet/ vae/ text_encoder/ tokenizer/, or the Hugging Face "
-    "id of such a folder already in the local cache (e.g. CompVis/stable-diffusion-v1-4; never downloaded)"
+    "id of such a folder already in the local cache (e.g. CompVis/stable-diffusion-v1-4; never downloaded). "
+    "A single file is read into diffusers' networks when diffusers is installed, else into difflab's own SD v1 "
+    "UNet and VAE ($DIFFLAB_SD_NETWORKS=diffusers|ldm chooses)"
 )
 TOKENIZER_HELP = (
     "folder with the CLIP tokenizer's vocab.json and merges.txt (or the Hugging Face id of one in the local "
@@ -36,7 +38,7 @@ TOKENIZER_HELP = (
 )
 CONFIG_HELP = (
     "folder with unet, vae, text_encoder (and scheduler) configs as NAME.json or NAME/config.json, for a "
-    "single-file checkpoint of another size (none: the SD v1 configs carried by difflab)"
+    "single-file checkpoint of another size (none: $DIFFLAB_SD_CONFIG, else the SD v1 configs carried by difflab)"
 )
 EMBEDDINGS_HELP = "learned embedding files (token -> [n, width])"
 
