@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import difflab.io as dio
+from difflab import pickles, safetensors_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def no_safetensors(monkeypatch):
 @pytest.fixture
 def restricted(monkeypatch):
     """Every torch.load of difflab.io goes through the restricted unpickler, as on torch 1.11."""
-    monkeypatch.setattr(dio, "_USE_RESTRICTED_UNPICKLER", True)
+    monkeypatch.setattr(pickles, "USE_RESTRICTED_UNPICKLER", True)
 
 
 def every_dtype() -> dict:
@@ -68,7 +69,7 @@ def test_fallback_reads_what_the_package_writes(tmp_path, no_safetensors):
         t.zero_()
         assert t.count_nonzero() == 0
     assert_same(dio.load_tensors(tmp_path / "w.safetensors"), want)
-    tensors, meta = dio._read_safetensors(tmp_path / "w.safetensors")
+    tensors, meta = safetensors_file.read_safetensors(tmp_path / "w.safetensors")
     assert meta == {"format": "pt", "note": "ü"}
     assert_same(tensors, want)
 
@@ -122,7 +123,7 @@ def test_fallback_writer_refuses_what_the_format_cannot_hold(tmp_path, no_safete
         raise OSError("disk full")
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dio, "_write_safetensors", disk_full)
+        m.setattr(dio, "write_safetensors", disk_full)
         with pytest.raises(OSError, match="disk full"):
             dio.save_tensors({"b": torch.zeros(3)}, target)
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
@@ -224,7 +225,7 @@ def test_restricted_unpickler_loads_state_dicts(tmp_path, restricted, fmt):
            "tagged": tagged}
     path = tmp_path / f"{fmt}.pt"
     torch.save(obj, path, _use_new_zipfile_serialization=fmt == "zip")
-    got = dio._restricted_torch_load(path)
+    got = pickles.restricted_torch_load(path)
     reference = torch.load(path, weights_only=True)
     assert type(got["state_dict"]) is collections.OrderedDict and list(got["state_dict"]) == list(sd)
     assert_same(got["state_dict"], sd)
@@ -291,7 +292,7 @@ def test_restricted_unpickler_refuses_hostile_pickles_without_running_them(tmp_p
     marker = tmp_path / "PWNED"
     path, glob = hostile_files(tmp_path, marker)[name]
     with pytest.raises(pickle.UnpicklingError, match=rf"refusing to load the global {glob}"):
-        dio._restricted_torch_load(path)
+        pickles.restricted_torch_load(path)
     with pytest.raises(ValueError, match=rf"^cannot read .*{name}\.pt as a PyTorch state dict: UnpicklingError: "
                                          rf"refusing to load the global {glob}"):
         dio.load_torch_state(path)
@@ -314,8 +315,8 @@ def test_restricted_inert_fallback_loads_an_sd_style_checkpoint(tmp_path, restri
         dio.load_torch_state(tmp_path / "model.ckpt")
     state = dio.load_torch_state(tmp_path / "model.ckpt", inert_fallback=True, drop_non_tensors=True)
     assert_same(state, sd)
-    obj = dio._restricted_torch_load(tmp_path / "model.ckpt", inert=True)
-    assert isinstance(obj["callbacks"]["ckpt"], dio._Inert) and not hasattr(obj["callbacks"]["ckpt"], "monitor")
+    obj = pickles.restricted_torch_load(tmp_path / "model.ckpt", inert=True)
+    assert isinstance(obj["callbacks"]["ckpt"], pickles._Inert) and not hasattr(obj["callbacks"]["ckpt"], "monitor")
     assert not marker.exists()
 
 
@@ -398,8 +399,8 @@ def test_restricted_unpickler_bounds_what_a_file_claims(tmp_path, restricted, fm
 
 
 def test_restricted_path_is_the_default_only_without_weights_only():
-    assert dio._TORCH_HAS_WEIGHTS_ONLY == ("weights_only" in __import__("inspect").signature(torch.load).parameters)
-    assert dio._USE_RESTRICTED_UNPICKLER is (not dio._TORCH_HAS_WEIGHTS_ONLY)
+    assert pickles.TORCH_HAS_WEIGHTS_ONLY == ("weights_only" in __import__("inspect").signature(torch.load).parameters)
+    assert pickles.USE_RESTRICTED_UNPICKLER is (not pickles.TORCH_HAS_WEIGHTS_ONLY)
 
 
 # ------------------------------------------------------------------ check_fits on torch 1.x
@@ -453,10 +454,11 @@ COURSE_SCRIPT = EXPECTED + textwrap.dedent("""
     import os, sys
     from pathlib import Path
     import difflab.io as dio
+    from difflab import pickles
     folder = Path(sys.argv[1])
     assert torch.__version__.startswith("1.11"), torch.__version__
     assert dio._safetensors_api() is None, "safetensors should be hidden"
-    assert dio._USE_RESTRICTED_UNPICKLER and not dio._TORCH_HAS_WEIGHTS_ONLY and not dio._DEVICE_IS_CONTEXT
+    assert pickles.USE_RESTRICTED_UNPICKLER and not pickles.TORCH_HAS_WEIGHTS_ONLY and not dio._DEVICE_IS_CONTEXT
     want = expected()
     # (a) a safetensors file the full install wrote with the package
     same(dio.load_tensors(folder / "full.safetensors"), {k: v.contiguous() for k, v in want.items()})
