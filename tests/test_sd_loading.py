@@ -293,7 +293,7 @@ def test_networks_choice_and_its_errors(tiny, monkeypatch):
         load_sd(root / "model.ckpt", config_dir=folder, tokenizer=folder / "tokenizer")
     monkeypatch.setenv(sdmod.NETWORKS_ENV, "ldm")
     assert sdmod.networks_kind() == "ldm" and sdmod.networks_kind("diffusers") == "diffusers"
-    with pytest.raises(ModuleNotFoundError, match=r"diffusers-format folder, which needs diffusers' networks \(pip install"):
+    with pytest.raises(ModuleNotFoundError, match=r"diffusers-format folder, which needs diffusers' networks, but DIFFLAB_SD_NETWORKS=ldm reads"):
         load_sd(folder)
     monkeypatch.delenv(sdmod.NETWORKS_ENV)
     assert sdmod.networks_kind() == "diffusers"  # installed here

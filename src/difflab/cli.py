@@ -30,10 +30,11 @@ GROUPS = [
 ]
 
 # The library's expected failures: bad input, missing or unwritable files (every
-# OSError: a full or read-only disk, a path under a file, a symbolic-link loop), and
-# memory that cannot be had. A KeyError or any other exception is a bug and keeps its
-# traceback.
-USER_ERRORS = (ValueError, OSError, MemoryError)
+# OSError: a full or read-only disk, a path under a file, a symbolic-link loop), memory
+# that cannot be had, and a package the command needs that is not installed (diffusers
+# in the course's grading environment). A KeyError or any other exception is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, MemoryError, ModuleNotFoundError)
 DEBUG_ENV = "DIFFLAB_DEBUG"  # set (non-empty, not 0): show tracebacks, as --debug does
 # How torch's CPU and CUDA allocators word a failed allocation (RuntimeError).
 OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")

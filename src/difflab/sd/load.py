@@ -70,7 +70,7 @@ LDM_PREFIXES = {
 NETWORKS_ENV = "DIFFLAB_SD_NETWORKS"
 NETWORK_KINDS = ("auto", "diffusers", "ldm")
 CONFIG_ENV = "DIFFLAB_SD_CONFIG"  # the default of config_dir for a single file
-FULL_INSTALL = "pip install -e . in the difflab checkout (it brings diffusers)"
+FULL_INSTALL = "the full install, `pip install -e .` in the difflab checkout, brings it"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_TRAIN_TIMESTEPS = 100_000  # a bound on a scheduler config's T (SD v1: 1000)
@@ -446,9 +446,11 @@ def load_sd(
     kind = networks_kind(networks)
     if path.is_dir():
         if kind != "diffusers":
+            why = ("diffusers is not installed" if importlib.util.find_spec("diffusers") is None
+                   else f"{NETWORKS_ENV}=ldm reads single files only")
             raise ModuleNotFoundError(
-                f"{path} is a diffusers-format folder, which needs diffusers' networks ({FULL_INSTALL}); "
-                "without diffusers, difflab reads single-file SD v1 checkpoints (model.ckpt) only"
+                f"{path} is a diffusers-format folder, which needs diffusers' networks, but {why} ({FULL_INSTALL}); "
+                "without diffusers, difflab reads single-file SD v1 checkpoints (model.ckpt)"
             )
         sd = _load_diffusers_folder(path, tokenizer)
     else:
