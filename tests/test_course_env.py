@@ -81,6 +81,8 @@ def run_course(env: Path, shim: Path, log: Path, script: str, *args: str, extra:
     }
     r = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, env=environ)
     assert r.returncode == 0, f"{script} in the course environment failed:\n{r.stderr[-4000:]}"
+    if script == "hw2_download_ckpt.sh":
+        assert r.stdout.startswith("shipped digit model OK: "), r.stdout
     imported = log.read_text().split()
     assert "difflab" in imported
     return [m for m in imported if m != "difflab"]
@@ -217,3 +219,8 @@ def test_hw2_3_without_a_checkpoint_says_it_needs_the_full_install(course_env, s
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1].startswith("difflab: error: ") and "diffusers is not installed" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_hw2_download_ckpt_checks_the_shipped_model_there(course_env, shim, tmp_path):
+    imported = run_course(course_env, shim, tmp_path / "imports", "hw2_download_ckpt.sh")
+    check_imports(imported, "hw2_download_ckpt.sh")
