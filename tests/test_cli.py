@@ -304,3 +304,18 @@ def test_course_scripts_find_the_package_beside_them_without_difflab_on_path(tmp
     pythonpath, called = r.stdout.splitlines()
     assert pythonpath == f"{REPO}/src:/elsewhere"
     assert called == "|".join(["-m", "difflab", *expected]) + "|"
+
+
+def test_course_env_script_refuses_a_folder_that_is_not_an_environment(tmp_path):
+    """tools/course_env.sh removes DIR before a rebuild, so a folder holding anything but a
+    Python environment (or a file) is refused, untouched, before anything is built."""
+    keep = tmp_path / "work"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    for target, message in ((keep, "exists and is not a Python environment"), (tmp_path / "afile", "is a file")):
+        r = subprocess.run(["bash", str(REPO / "tools" / "course_env.sh"), str(target)], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert (keep / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "x"
+    r = subprocess.run(["bash", str(REPO / "tools" / "course_env.sh")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("usage: bash tools/course_env.sh DIR")

@@ -5,6 +5,7 @@
 #   then: PATH="DIR/bin:$PATH" bash hw2_1.sh OUT   (python3 there is the course's Python)
 # Python 3.10 is taken from $COURSE_PYTHON, else `python3.10` on PATH, else pyenv's 3.10.
 # The environment is rebuilt only when DIR/course-env.ok is missing or names other pins.
+# PyPI's torch 1.11.0 wheel for Python 3.10 is the CUDA 10.2 build (about 750 MB); it runs on the CPU.
 set -euo pipefail
 if [ "$#" -ne 1 ]; then
     echo "usage: bash tools/course_env.sh DIR" >&2
@@ -21,6 +22,15 @@ if [ -f "$dir/course-env.ok" ] && [ "$(cat "$dir/course-env.ok")" = "$stamp" ]; 
     echo "course environment ready: $dir"
     exit 0
 fi
+# DIR is removed before a rebuild: refuse a folder that holds anything but an environment.
+if [ -e "$dir" ] && [ ! -d "$dir" ]; then
+    echo "course_env.sh: $dir is a file, not a folder" >&2
+    exit 2
+fi
+if [ -e "$dir" ] && [ -n "$(ls -A "$dir" 2>/dev/null)" ] && [ ! -f "$dir/pyvenv.cfg" ]; then
+    echo "course_env.sh: $dir exists and is not a Python environment; choose an empty or new folder" >&2
+    exit 2
+fi
 python="${COURSE_PYTHON:-}"
 if [ -z "$python" ]; then
     if command -v python3.10 >/dev/null 2>&1 && python3.10 -c '' 2>/dev/null; then
@@ -36,15 +46,14 @@ if ! "$python" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/nu
     echo "course_env.sh: $python is not Python 3.10" >&2
     exit 2
 fi
-# Build beside DIR and move into place, so a failed build leaves no half environment.
-rm -rf "$dir.partial"
-"$python" -m venv "$dir.partial"
-"$dir.partial/bin/python3" -m pip install --quiet --upgrade "pip<24"
-"$dir.partial/bin/python3" -m pip install --quiet "${pins[@]}"
-# The venv's scripts name their folder; recreate it in place after the move.
+# A build that fails or is interrupted removes DIR, so nothing half-built is left; the
+# stamp file is written last and marks a complete environment.
 rm -rf "$dir"
-mv "$dir.partial" "$dir"
-"$python" -m venv --upgrade "$dir" >/dev/null
-sed -i "s|$dir.partial|$dir|g" "$dir"/bin/* 2>/dev/null || true
+trap 'rm -rf "$dir"' ERR
+trap 'rm -rf "$dir"; exit 130' INT TERM
+"$python" -m venv "$dir"
+"$dir/bin/python3" -m pip install --quiet --upgrade "pip<24"
+"$dir/bin/python3" -m pip install --quiet "${pins[@]}"
+trap - ERR INT TERM
 echo "$stamp" > "$dir/course-env.ok"
 "$dir/bin/python3" -c 'import sys, torch, transformers, numpy, PIL; print("course environment ready:", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "numpy", numpy.__version__, "Pillow", PIL.__version__)'
