@@ -536,3 +536,40 @@ def test_course_env_reads_files_written_here(tmp_path):
     # the course env's writer (no package) wrote what the package writes here
     save_file({k: v.contiguous() for k, v in want.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     assert (tmp_path / "course.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("device_context", [True, False])
+def test_assign_state_hands_the_file_tensors_to_the_network(monkeypatch, device_context):
+    """assign_state builds on the meta device (torch's context, or the emulation torch 1.11
+    needs), then the network holds the state's own tensors: no copy, no random init."""
+    if device_context and not dio._DEVICE_IS_CONTEXT:
+        pytest.skip("this torch has no device context")
+    monkeypatch.setattr(dio, "_DEVICE_IS_CONTEXT", device_context)
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.BatchNorm2d(8))
+
+    ref = build()
+    state = {k: v.clone() + 0.5 for k, v in ref.state_dict().items()}
+    net = dio.assign_state(build, state, "w.pt")
+    for k, v in net.state_dict().items():
+        assert v.data_ptr() == state[k].data_ptr(), k  # the same memory, not a copy
+    ref.load_state_dict(state)
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(net.eval()(x), ref.eval()(x))
+    assert not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match=r"^w\.pt does not fit Sequential: missing keys \(1\): 0\.bias"):
+        dio.assign_state(build, {k: v for k, v in state.items() if k != "0.bias"}, "w.pt")
+    bad = dict(state)
+    bad["1.weight"] = torch.full((8,), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        dio.assign_state(build, bad, "w.pt")
+
+    class WithHiddenBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("table", torch.zeros(3), persistent=False)
+
+    with pytest.raises(ValueError, match=r"keeps 1 tensors the file does not hold, e\.g\. table"):
+        dio.assign_state(WithHiddenBuffer, {k: v.clone() for k, v in WithHiddenBuffer().state_dict().items()}, "w.pt")

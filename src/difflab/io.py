@@ -302,6 +302,32 @@ def check_fits(build: Callable[[], nn.Module], state: Mapping[str, Tensor], sour
                          f"describes has {want} values, the file {have})")
 
 
+def assign_state(build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: PathLike) -> nn.Module:
+    """The network ``build()`` makes, holding ``state``'s own tensors: built on the meta
+    device (no memory, no random init), checked to fit ``state`` exactly (as
+    ``check_fits``) and to be finite, then each parameter and buffer replaced by the
+    file's tensor, with no copy. What ``load_state_dict(assign=True)`` (torch 2.1+) does,
+    on any torch: a multi-GB network then costs its weights once, not twice."""
+    with _on_meta_device():
+        module = build()
+    problem = describe_mismatch(module, state)
+    if problem:
+        raise ValueError(f"{source} does not fit {type(module).__name__}: {problem}")
+    check_finite(state, source, "weight")
+    for name, tensor in state.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        if leaf in sub._parameters:
+            sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            sub._buffers[leaf] = tensor
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{source}: {type(module).__name__} keeps {len(left)} tensors the file does not hold, "
+                         f"e.g. {left[0]} (a buffer outside its state dict)")
+    return module
+
+
 def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], source: PathLike) -> None:
     """``load_state_dict(strict=True)`` with an error naming the file and every mismatch;
     weights holding NaN or infinities are refused too."""

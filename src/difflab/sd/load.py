@@ -33,11 +33,10 @@ from torch import Tensor
 
 from difflab.io import (
     PathLike,
+    assign_state,
     check_finite,
-    check_fits,
     describe_mismatch,
     load_json,
-    load_state_strict,
     load_torch_state,
     resolve_model_path,
 )
@@ -364,10 +363,7 @@ def _ldm_networks(state: Dict[str, Tensor], configs: Dict[str, Dict[str, Any]], 
     for name, cls in (("unet", LdmUNet), ("vae", LdmVAE)):
         part = strip_prefix(state, LDM_PREFIXES[name])
         source = f"{path} ({name}: not a Stable Diffusion v1 checkpoint for this {name} config)"
-        check_fits(lambda: cls(configs[name]), part, source)  # before allocating the network
-        net = cls(configs[name])
-        load_state_strict(net, part, source)
-        nets[name] = net.float().eval()
+        nets[name] = assign_state(lambda: cls(configs[name]), part, source).float().eval()
     text = strip_prefix(state, LDM_PREFIXES["text_encoder"])
     nets["text_encoder"] = _text_encoder_from_state(configs["text_encoder"], text, f"{path} (text_encoder)")
     return nets
