@@ -418,7 +418,7 @@ def test_check_fits_meta_fallback_allocates_nothing(monkeypatch):
         dio.check_fits(build, {"x": torch.zeros(2)}, "src")
     assert seen == ["meta"] and torch.empty is real_empty
     with pytest.raises(RuntimeError, match="boom"):
-        with dio._on_meta_device():
+        with dio.meta_device():
             raise RuntimeError("boom")
     assert torch.empty is real_empty and torch.zeros(1).device.type == "cpu"
     dio.check_fits(lambda: torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).state_dict(), "src")

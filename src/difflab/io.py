@@ -268,11 +268,11 @@ def _default_to_meta(factory: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def _on_meta_device() -> Iterator[None]:
+def meta_device() -> Iterator[None]:
     """Tensors made in the block without a device go to the meta device (no memory).
     ``with torch.device("meta")`` where torch has it; else the ``_META_FACTORIES`` of the
     ``torch`` module default to ``device="meta"`` for the block's duration (a process-wide
-    change: check_fits runs nothing else meanwhile)."""
+    change: the block builds one network and runs nothing else)."""
     if _DEVICE_IS_CONTEXT:
         with torch.device("meta"):
             yield
@@ -287,12 +287,13 @@ def _on_meta_device() -> Iterator[None]:
             setattr(torch, name, factory)
 
 
-def check_fits(build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: PathLike) -> None:
+def check_fits(build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: PathLike) -> nn.Module:
     """Build a network with ``build()`` on the meta device (no memory, no init) and raise
-    ValueError naming ``source`` unless ``state`` fits it exactly. Call it before building
-    the real network from sizes read off a file: widths that claim a network far larger
-    than the file's weights are then refused instead of allocated."""
-    with _on_meta_device():
+    ValueError naming ``source`` unless ``state`` fits it exactly; return that meta shell.
+    Call it before building the real network from sizes read off a file: widths that
+    claim a network far larger than the file's weights are then refused instead of
+    allocated."""
+    with meta_device():
         shell = build()
     problem = describe_mismatch(shell, state)
     if problem:
@@ -300,6 +301,7 @@ def check_fits(build: Callable[[], nn.Module], state: Mapping[str, Tensor], sour
         want = sum(v.numel() for v in shell.state_dict().values())
         raise ValueError(f"{source} does not fit {type(shell).__name__}: {problem} (the network its config "
                          f"describes has {want} values, the file {have})")
+    return shell
 
 
 def assign_state(build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: PathLike) -> nn.Module:
@@ -308,11 +310,7 @@ def assign_state(build: Callable[[], nn.Module], state: Mapping[str, Tensor], so
     ``check_fits``) and to be finite, then each parameter and buffer replaced by the
     file's tensor, with no copy. What ``load_state_dict(assign=True)`` (torch 2.1+) does,
     on any torch: a multi-GB network then costs its weights once, not twice."""
-    with _on_meta_device():
-        module = build()
-    problem = describe_mismatch(module, state)
-    if problem:
-        raise ValueError(f"{source} does not fit {type(module).__name__}: {problem}")
+    module = check_fits(build, state, source)
     check_finite(state, source, "weight")
     for name, tensor in state.items():
         owner, _, leaf = name.rpartition(".")

@@ -38,6 +38,7 @@ from difflab.io import (
     describe_mismatch,
     load_json,
     load_torch_state,
+    meta_device,
     resolve_model_path,
 )
 from difflab.schedule import NoiseSchedule
@@ -290,11 +291,12 @@ def _build_from_state(name: str, config: Dict[str, Any], state: Dict[str, Tensor
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
-    with torch.device("meta"):
+    with meta_device():
         model = cls.from_config(config)
     problem = describe_mismatch(model, state)
     if problem:
         raise ValueError(f"{source} is not a Stable Diffusion v1 checkpoint for this {name} config: {problem}")
+    check_finite(state, source, "weight")
     model.load_state_dict(state, strict=True, assign=True)
     return model.float().eval()
 
@@ -318,25 +320,22 @@ def strip_prefix(state: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
 
 
 def _text_encoder_from_state(config: Dict[str, Any], state: Dict[str, Tensor], source: str):
-    """transformers' CLIPTextModel from a config and CompVis/transformers weights, loaded
-    strictly. ``position_ids`` is a buffer that some transformers versions save and others
-    do not: it is taken from the file when the model keeps it, filled in when the file
-    lacks it, and dropped when the model has none."""
+    """transformers' CLIPTextModel from a config and CompVis/transformers weights: sizes
+    checked on the meta device before allocating, values checked finite, loaded strictly.
+    ``position_ids`` is a buffer that some transformers versions save and others do not:
+    it is taken from the file when the model keeps it, filled in when the file lacks it,
+    and dropped when the model has none."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
-    if hasattr(torch.device("cpu"), "__enter__"):  # torch >= 2: check sizes before allocating
-        with torch.device("meta"):
-            shell = CLIPTextModel(CLIPTextConfig(**cfg))
-        problem = describe_mismatch(shell, _fit_position_ids(fit_clip_keys(state, shell), shell))
-        if problem:
-            raise ValueError(f"{source} is not a Stable Diffusion v1 checkpoint for this text_encoder config: {problem}")
-    model = CLIPTextModel(CLIPTextConfig(**cfg))
-    state = _fit_position_ids(fit_clip_keys(state, model), model)
-    problem = describe_mismatch(model, state)
+    with meta_device():
+        shell = CLIPTextModel(CLIPTextConfig(**cfg))
+    problem = describe_mismatch(shell, _fit_position_ids(fit_clip_keys(state, shell), shell))
     if problem:
         raise ValueError(f"{source} is not a Stable Diffusion v1 checkpoint for this text_encoder config: {problem}")
-    model.load_state_dict(state, strict=True)
+    check_finite(state, source, "weight")
+    model = CLIPTextModel(CLIPTextConfig(**cfg))
+    model.load_state_dict(_fit_position_ids(fit_clip_keys(state, model), model), strict=True)
     return model.float().eval()
 
 
@@ -362,8 +361,7 @@ def _ldm_networks(state: Dict[str, Tensor], configs: Dict[str, Dict[str, Any]], 
     nets: Dict[str, Any] = {}
     for name, cls in (("unet", LdmUNet), ("vae", LdmVAE)):
         part = strip_prefix(state, LDM_PREFIXES[name])
-        source = f"{path} ({name}: not a Stable Diffusion v1 checkpoint for this {name} config)"
-        nets[name] = assign_state(lambda: cls(configs[name]), part, source).float().eval()
+        nets[name] = assign_state(lambda: cls(configs[name]), part, f"{path} ({name})").float().eval()
     text = strip_prefix(state, LDM_PREFIXES["text_encoder"])
     nets["text_encoder"] = _text_encoder_from_state(configs["text_encoder"], text, f"{path} (text_encoder)")
     return nets
@@ -460,10 +458,9 @@ def load_sd(
         raise ValueError(
             f"{path}: UNet cross_attention_dim {sd.unet.config.cross_attention_dim} != text encoder width {sd.text_width}"
         )
-    for name, net in (("unet", sd.unet), ("vae", sd.vae), ("text_encoder", sd.text_encoder)):
+    for net in (sd.unet, sd.vae, sd.text_encoder):
         net.requires_grad_(False)
         net.eval()
-        check_finite(dict(net.state_dict()), f"{path} ({name})", "weight")
     return sd.to(device, dtype)
 
 
@@ -513,6 +510,8 @@ def _load_diffusers_folder(path: Path, tokenizer: Optional[PathLike]) -> StableD
         text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
     except (OSError, EnvironmentError, ValueError) as e:
         raise ValueError(f"cannot load the diffusers folder {path}: {e}") from None
+    for name, net in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        check_finite(dict(net.state_dict()), f"{path} ({name})", "weight")
     tok = load_tokenizer(tokenizer if tokenizer is not None else path / "tokenizer")
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched_cfg = load_json(sched_file) if sched_file.is_file() else read_config("scheduler")
