@@ -550,7 +550,7 @@ def test_assign_state_hands_the_file_tensors_to_the_network(monkeypatch, device_
         return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.BatchNorm2d(8))
 
     ref = build()
-    state = {k: v.clone() + 0.5 for k, v in ref.state_dict().items()}
+    state = {k: v.clone() + 0.5 if v.is_floating_point() else v.clone() for k, v in ref.state_dict().items()}
     net = dio.assign_state(build, state, "w.pt")
     for k, v in net.state_dict().items():
         assert v.data_ptr() == state[k].data_ptr(), k  # the same memory, not a copy
@@ -558,6 +558,8 @@ def test_assign_state_hands_the_file_tensors_to_the_network(monkeypatch, device_
     x = torch.randn(2, 3, 9, 9)
     assert torch.equal(net.eval()(x), ref.eval()(x))
     assert not any(p.requires_grad for p in net.parameters())
+    wide = dio.assign_state(build, {k: v.double() if v.is_floating_point() else v for k, v in state.items()}, "w.pt")
+    assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in wide.state_dict().items())
     with pytest.raises(ValueError, match=r"^w\.pt does not fit Sequential: missing keys \(1\): 0\.bias"):
         dio.assign_state(build, {k: v for k, v in state.items() if k != "0.bias"}, "w.pt")
     bad = dict(state)

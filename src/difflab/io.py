@@ -308,13 +308,18 @@ def assign_state(build: Callable[[], nn.Module], state: Mapping[str, Tensor], so
     """The network ``build()`` makes, holding ``state``'s own tensors: built on the meta
     device (no memory, no random init), checked to fit ``state`` exactly (as
     ``check_fits``) and to be finite, then each parameter and buffer replaced by the
-    file's tensor, with no copy. What ``load_state_dict(assign=True)`` (torch 2.1+) does,
+    file's tensor, with no copy (a tensor of another dtype is converted, as
+    ``load_state_dict`` would). What ``load_state_dict(assign=True)`` (torch 2.1+) does,
     on any torch: a multi-GB network then costs its weights once, not twice."""
     module = check_fits(build, state, source)
     check_finite(state, source, "weight")
+    dtypes = {k: v.dtype for k, v in module.state_dict().items()}
     for name, tensor in state.items():
         owner, _, leaf = name.rpartition(".")
         sub = module.get_submodule(owner) if owner else module
+        # As load_state_dict's copy: the network's dtype, a dense layout (no-ops when the
+        # file's tensor already has them, which is the usual case: no copy then).
+        tensor = tensor.to(dtypes[name]).contiguous()
         if leaf in sub._parameters:
             sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from difflab.assets import SHIPPED_DIGITS
-from difflab.io import PathLike, check_fits, load_json, load_state_strict, load_tensors
+from difflab.io import PathLike, assign_state, load_json, load_tensors
 from difflab.nets.digit_unet import DigitUNet, DigitUNetConfig
 from difflab.schedule import NoiseSchedule
 from difflab.training import latest_checkpoint
@@ -68,7 +68,5 @@ def load_digit_model(path: PathLike = SHIPPED_DIR, device="cpu", weights: str = 
         raise ValueError(f"{config_file}: {e}") from None
     fname = d / ("model.safetensors" if weights == "ema" else "raw.safetensors")
     state = load_tensors(fname)
-    check_fits(lambda: DigitUNet(cfg), state, fname)
-    net = DigitUNet(cfg)
-    load_state_strict(net, state, fname)
+    net = assign_state(lambda: DigitUNet(cfg), state, fname)
     return net.to(device).eval(), schedule, meta

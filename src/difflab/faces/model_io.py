@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 import torch
 
-from difflab.io import PathLike, check_fits, load_state_strict, load_torch_state
+from difflab.io import PathLike, assign_state, load_torch_state
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig
 
 
@@ -31,7 +31,5 @@ def load_face_unet(
     """
     state = read_state_dict(path)
     cfg = config or FaceUNetConfig.from_state_dict(state)
-    check_fits(lambda: FaceUNet(cfg), state, path)
-    model = FaceUNet(cfg)
-    load_state_strict(model, state, path)
+    model = assign_state(lambda: FaceUNet(cfg), state, path)
     return model.to(device).eval().requires_grad_(False)
