@@ -28,37 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 def write_full_checkpoint(work: Path) -> Path:
     """SD v1's full UNet, VAE and CLIP ViT-L/14 text encoder with random weights, as one
     CompVis ``model.ckpt``, and a small CLIP tokenizer (77 positions) beside it."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from difflab.nets.ldm import LdmUNet, LdmVAE
-    from difflab.sd.load import read_config, schedule_from_config
-    from difflab.sd.tokenizer import write_clip_vocab
-    from difflab.testing import TINY_WORDS
+    from difflab.sd.load import read_config
+    from difflab.testing import save_compvis
 
     ckpt = work / "model.ckpt"
-    if ckpt.is_file():
-        return ckpt
-    work.mkdir(parents=True, exist_ok=True)
-    write_clip_vocab(work / "tokenizer", TINY_WORDS)
-    tok = CLIPTokenizer(str(work / "tokenizer" / "vocab.json"), str(work / "tokenizer" / "merges.txt"),
-                        pad_token="<|endoftext|>", model_max_length=77)
-    tok.save_pretrained(str(work / "tokenizer"))
-    torch.manual_seed(0)
-    text_cfg = {k: v for k, v in read_config("text_encoder").items() if k not in ("architectures", "model_type")}
-    state = {}
-    for prefix, net in (("model.diffusion_model.", LdmUNet(read_config("unet"))),
-                        ("first_stage_model.", LdmVAE(read_config("vae"))),
-                        ("cond_stage_model.transformer.", CLIPTextModel(CLIPTextConfig(**text_cfg)))):
-        for key, value in net.state_dict().items():
-            if prefix.startswith("cond") and not key.startswith("text_model."):
-                key = "text_model." + key
-            state[prefix + key] = value
-        del net
-    state["betas"] = schedule_from_config(read_config("scheduler")).betas.float()
-    tmp = work / "model.ckpt.partial"
-    torch.save({"state_dict": state, "global_step": 0}, tmp)
-    tmp.rename(ckpt)
+    if not ckpt.is_file():
+        save_compvis(work, read_config("unet"), read_config("vae"), read_config("text_encoder"))
     return ckpt
 
 

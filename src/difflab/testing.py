@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from difflab.io import PathLike
+from difflab.io import PathLike, atomic_path
 from difflab.sd.tokenizer import bytes_to_unicode, write_clip_vocab
 
 TINY_WORDS = (
@@ -44,13 +45,13 @@ TINY_TEXT = dict(
 )
 
 
-def tiny_tokenizer(folder: PathLike):
+def tiny_tokenizer(folder: PathLike, model_max_length: int = TINY_TEXT["max_position_embeddings"]):
     from transformers import CLIPTokenizer
 
     write_clip_vocab(folder, TINY_WORDS)
     tok = CLIPTokenizer(
         str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"),
-        pad_token="<|endoftext|>", model_max_length=TINY_TEXT["max_position_embeddings"],
+        pad_token="<|endoftext|>", model_max_length=model_max_length,
     )
     tok.save_pretrained(str(folder))
     return tok
@@ -161,41 +162,51 @@ def tiny_text_config(vocab_size: int) -> dict:
                 pad_token_id=vocab_size - 1, **TINY_TEXT)
 
 
-def save_tiny_compvis(folder: PathLike, seed: int = 0, scale: float = 0.05) -> Path:
-    """Write a tiny random SD v1-style model in the original single-file form:
-    ``folder/model.ckpt`` (``{"state_dict": ...}`` with CompVis key names, betas included),
-    ``folder/tokenizer/`` beside it, and ``folder/configs/`` ({unet,vae,text_encoder}.json)
-    for ``config_dir`` / ``$DIFFLAB_SD_CONFIG``; return the checkpoint's path.
+def save_compvis(folder: PathLike, unet_config: dict, vae_config: dict, text_config: Optional[dict] = None,
+                 seed: int = 0, scale: float = 0.0) -> Path:
+    """Write a random SD v1-style model in the original single-file form:
+    ``folder/model.ckpt`` (``{"state_dict": ...}`` with CompVis key names, the text
+    encoder's ``text_model.`` level and ``position_ids`` as SD v1 files have them, betas
+    included), a ``tokenizer/`` over ``TINY_WORDS`` beside it, and ``folder/configs/``
+    ({unet,vae,text_encoder}.json) for ``config_dir`` / ``$DIFFLAB_SD_CONFIG``; return the
+    checkpoint's path. ``text_config`` None: ``tiny_text_config`` for the tokenizer.
 
-    Every weight is perturbed by ``scale`` * N(0, 1) so that layers initialised to zero
-    still carry signal through a comparison of two implementations."""
+    With ``scale`` > 0 every float weight is perturbed by ``scale`` * N(0, 1), so that
+    layers initialised to zero carry signal through a comparison of two implementations."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from difflab.nets.ldm import LdmUNet, LdmVAE
     from difflab.sd.load import read_config, schedule_from_config
 
     folder = Path(folder)
-    tok = tiny_tokenizer(folder / "tokenizer")
-    text_cfg = tiny_text_config(len(tok))
-    configs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": text_cfg}
+    positions = (text_config or TINY_TEXT)["max_position_embeddings"]
+    tok = tiny_tokenizer(folder / "tokenizer", model_max_length=positions)
+    configs = {"unet": unet_config, "vae": vae_config, "text_encoder": text_config or tiny_text_config(len(tok))}
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     for name, cfg in configs.items():
         (folder / "configs" / f"{name}.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    text_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
+    state = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        nets = {"unet": LdmUNet(TINY_UNET), "vae": LdmVAE(TINY_VAE), "text_encoder": CLIPTextModel(CLIPTextConfig(**text_cfg))}
-        state = {}
-        for name, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model."),
-                             ("text_encoder", "cond_stage_model.transformer.")):
-            for key, value in nets[name].state_dict().items():
-                if name == "text_encoder" and not key.startswith("text_model."):
+        for prefix, build in (("model.diffusion_model.", lambda: LdmUNet(unet_config)),
+                              ("first_stage_model.", lambda: LdmVAE(vae_config)),
+                              ("cond_stage_model.transformer.", lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))):
+            for key, value in build().state_dict().items():
+                if prefix.startswith("cond") and not key.startswith("text_model."):
                     key = "text_model." + key  # the level SD v1 files carry (transformers 5 drops it)
-                if value.is_floating_point():
+                if scale and value.is_floating_point():
                     value = value + scale * torch.randn_like(value)
-                state[prefix + key] = value.detach().clone()
-    n = TINY_TEXT["max_position_embeddings"]
-    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n).unsqueeze(0)
+                state[prefix + key] = value.detach()
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
     state["betas"] = schedule_from_config(read_config("scheduler")).betas.float()
     path = folder / "model.ckpt"
-    torch.save({"state_dict": state, "global_step": 0}, path)
+    with atomic_path(path) as tmp:  # a reader (a benchmark reusing the file) never sees half of it
+        torch.save({"state_dict": state, "global_step": 0}, tmp)
     return path
+
+
+def save_tiny_compvis(folder: PathLike, seed: int = 0, scale: float = 0.05) -> Path:
+    """``save_compvis`` with the tiny configs (``TINY_UNET``, ``TINY_VAE``, the tiny text
+    encoder), its weights perturbed by ``scale``."""
+    return save_compvis(folder, TINY_UNET, TINY_VAE, seed=seed, scale=scale)
