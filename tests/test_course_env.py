@@ -73,13 +73,17 @@ def shim(tmp_path_factory) -> Path:
     return d
 
 
+def course_environ(env: Path, shim: Path, log, extra: dict | None = None) -> dict:
+    """Only the course environment's bin/ and the system's on PATH (no difflab command),
+    the shim first on PYTHONPATH, the import log at ``log``."""
+    return {"PATH": f"{env}/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": str(shim),
+            "DIFFLAB_IMPORTS_LOG": str(log), "HF_HUB_OFFLINE": "1", **(extra or {})}
+
+
 def run_course(env: Path, shim: Path, log: Path, script: str, *args: str, extra: dict | None = None) -> list[str]:
     """Run a course script in the course environment; return the third-party packages it imported."""
-    environ = {
-        "PATH": f"{env}/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": str(shim),
-        "DIFFLAB_IMPORTS_LOG": str(log), "HF_HUB_OFFLINE": "1", **(extra or {}),
-    }
-    r = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True, env=environ)
+    r = subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True,
+                       env=course_environ(env, shim, log, extra))
     assert r.returncode == 0, f"{script} in the course environment failed:\n{r.stderr[-4000:]}"
     if script == "hw2_download_ckpt.sh":
         assert r.stdout.startswith("shipped digit model OK: "), r.stdout
@@ -212,10 +216,8 @@ def test_hw2_3_without_a_checkpoint_says_it_needs_the_full_install(course_env, s
     """The shipped mini model is a diffusers folder: in the course environment the script
     stops with one line saying why, and writes nothing."""
     (tmp_path / "input.json").write_text(json.dumps({"0": {"token_name": "<new1>", "prompt": ["a photo of <new1>."]}}))
-    environ = {"PATH": f"{course_env}/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": str(shim),
-               "DIFFLAB_IMPORTS_LOG": os.devnull}
     r = subprocess.run(["bash", str(REPO / "hw2_3.sh"), str(tmp_path / "input.json"), str(tmp_path / "out")],
-                       capture_output=True, text=True, env=environ)
+                       capture_output=True, text=True, env=course_environ(course_env, shim, os.devnull))
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1].startswith("difflab: error: ") and "diffusers is not installed" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

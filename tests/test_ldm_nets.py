@@ -83,30 +83,25 @@ def assert_consumed(ours: dict, converted: dict, ref_keys) -> None:
     assert {t.data_ptr() for t in converted.values()} == {t.data_ptr() for t in ours.values()}
 
 
-def unet_pair(config: dict, seed: int = 0):
-    """(ours, diffusers') UNets with the same random weights, via the CompVis names."""
+def pair(ours_cls, ref_cls, convert, prefix: str, config: dict, seed: int = 0):
+    """(ours, diffusers') networks with the same random weights, via the CompVis names."""
     torch.manual_seed(seed)
-    ours = LdmUNet(config).eval()
+    ours = ours_cls(config).eval()
     perturb(ours, seed)
     state = ours.state_dict()
-    converted = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in state.items()}, dict(config))
-    ref = UNet2DConditionModel(**config).eval()
+    converted = convert({prefix + k: v for k, v in state.items()}, dict(config))
+    ref = ref_cls(**config).eval()
     assert_consumed(state, converted, ref.state_dict().keys())
     ref.load_state_dict(converted, strict=True)
     return ours, ref
+
+
+def unet_pair(config: dict, seed: int = 0):
+    return pair(LdmUNet, UNet2DConditionModel, convert_ldm_unet_checkpoint, UNET_PREFIX, config, seed)
 
 
 def vae_pair(config: dict, seed: int = 0):
-    """(ours, diffusers') VAEs with the same random weights, via the CompVis names."""
-    torch.manual_seed(seed)
-    ours = LdmVAE(config).eval()
-    perturb(ours, seed)
-    state = ours.state_dict()
-    converted = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in state.items()}, dict(config))
-    ref = AutoencoderKL(**config).eval()
-    assert_consumed(state, converted, ref.state_dict().keys())
-    ref.load_state_dict(converted, strict=True)
-    return ours, ref
+    return pair(LdmVAE, AutoencoderKL, convert_ldm_vae_checkpoint, VAE_PREFIX, config, seed)
 
 
 def compare_unet(ours, ref, config: dict, side: int, text_len: int = 7, rtol: float = RTOL) -> float:
