@@ -267,10 +267,9 @@ def convert_ldm_state(state: Dict[str, Tensor], configs: Dict[str, Dict[str, Any
     unet = convert_ldm_unet_checkpoint(state, configs["unet"])
     vae = convert_ldm_vae_checkpoint(state, configs["vae"])
     clip = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(LDM_PREFIXES["text_encoder"])})
-    # Written with the 'text_model.' level that SD v1 files have; position_ids is a
-    # non-persistent buffer in current transformers.
+    # Written with the 'text_model.' level that SD v1 files have (position_ids is fitted to
+    # the installed transformers where the text encoder is built).
     clip = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip.items()}
-    clip.pop("text_model.embeddings.position_ids", None)
     return {"unet": unet, "vae": vae, "text_encoder": clip}
 
 
