@@ -189,6 +189,7 @@ def test_issue20_4_every_numeric_option_has_a_range():
     (["digits", "train", "--steps", "-5"], "--steps must be >= 1, got -5"),
     (["digits", "train", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["digits", "train", "--p-uncond-digit", "2"], "--p-uncond-digit must be in [0, 1], got 2.0"),
+    (["digits", "train", "--svhn-share", "1.5"], "--svhn-share must be in [0, 1], got 1.5"),
     (["digits", "train", "--channels", "1000000"], "--channels must be in [1, 4096], got 1000000"),
     (["digits", "generate", "--guidance-interval", "-5", "10"], "--guidance-interval must be >= 0, got -5"),
     (["faces", "interpolate", "--noise", "n", "--unet", "u", "--alphas", "0.5", "1.5"],

@@ -102,6 +102,33 @@ def test_balanced_sampler(tmp_path):
     assert torch.equal(data.batch(g1, 16)[0], data.batch(g2, 16)[0])
 
 
+
+def test_dataset_shares(tmp_path):
+    """--svhn-share: the fraction of SVHN rows follows the share (binomial bounds, 6 sigma at
+    n = 6000), the labels still travel with their images, and a bad share names itself."""
+    from difflab.digits.train import draw_shard
+
+    make_layout(tmp_path, counts=(("mnistm", 40), ("svhn", 3)))
+    data = BalancedDigits.from_root(tmp_path, cache_dir=tmp_path / "c", progress=False)
+    n = 6000
+    for share in (0.2, 0.6, 0.9):
+        _, digit, dataset = data.batch(torch.Generator().manual_seed(1), n, (1 - share, share))
+        sigma = (share * (1 - share) / n) ** 0.5
+        assert abs(float(dataset.float().mean()) - share) < 6 * sigma, share
+        assert set(digit[dataset == 1].tolist()) == {0, 1, 2}
+    _, _, only = data.batch(torch.Generator().manual_seed(1), 100, (0.0, 1.0))
+    assert bool((only == 1).all())
+    x0, t, noise, digit, dataset = draw_shard(data, _tiny_cfg(svhn_share=0.6, p_uncond_dataset=0.0),
+                                              torch.Generator().manual_seed(2), n)
+    assert abs(float((dataset == 1).float().mean()) - 0.6) < 6 * (0.24 / n) ** 0.5
+    # 0.5 keeps the draw of the runs made before the option (the shipped v2 model's).
+    a = draw_shard(data, _tiny_cfg(svhn_share=0.5), torch.Generator().manual_seed(3), 64)
+    b = data.batch(torch.Generator().manual_seed(3), 64)
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="shares must be 2 non-negative numbers"):
+        data.batch(torch.Generator(), 4, (0.5, -0.1))
+
+
 # ---------------------------------------------------------------- training
 def _tiny_cfg(**kw):
     base = dict(steps=6, batch_size=8, lr=1e-3, warmup=2, ckpt_every=3, sample_every=0, seed=3, model=TINY, device="cpu")
@@ -125,6 +152,23 @@ def test_resume_gives_the_same_losses(tmp_path):
         train(None, tmp_path / "full", _tiny_cfg(), data=data, progress=False)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(None, tmp_path / "empty", _tiny_cfg(), data=data, progress=False, resume=True)
+
+
+def test_a_run_saved_before_svhn_share_resumes_as_half_and_half(tmp_path):
+    """A checkpoint without svhn_share (runs made before the option) drew half and half: resuming
+    it with the new default 0.6 is refused by name, with --svhn-share 0.5 it continues."""
+    import json
+
+    make_layout(tmp_path / "d")
+    data = BalancedDigits.from_root(tmp_path / "d", cache_dir=tmp_path / "c", progress=False)
+    train(None, tmp_path / "run", _tiny_cfg(svhn_share=0.5), data=data, progress=False, stop_at=3)
+    state_file = latest_checkpoint(tmp_path / "run") / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["train_config"]["svhn_share"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="svhn_share 0.5 -> 0.6"):
+        train(None, tmp_path / "run", _tiny_cfg(), data=data, progress=False, resume=True)
+    assert len(train(None, tmp_path / "run", _tiny_cfg(svhn_share=0.5), data=data, progress=False, resume=True)) == 6
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -342,3 +386,50 @@ def test_evaluate_real_prints_the_fidelity_the_library_computes(tmp_path, capsys
     assert all(r.n_real == r.n_generated == 40 for rows in expected.values() for r in rows.values())
     # the images are noise like the real ones here: precision and recall are far from 0
     assert all(0.2 < r.precision <= 1 and 0.2 < r.recall <= 1 for rows in expected.values() for r in rows.values())
+
+
+# ---------------------------------------------------------------- precision
+MEAN_BF16_GAP = 0.1  # measured 0.030
+
+
+def test_precision_choice(tmp_path, monkeypatch):
+    """auto = bf16 only on a CPU with native bf16 under torch >= 2 (torch 1.11's CPU bf16
+    path is over 100x slower than fp32); the flags come from /proc/cpuinfo."""
+    import difflab.devices as dv
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\nbogomips\t: 1\n")
+    assert dv.cpu_flags(str(info)) == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert dv.cpu_flags(str(tmp_path / "none")) == frozenset()
+    assert dv.fast_cpu_bf16({"avx512_bf16"}, "2.13.0+cpu") and dv.fast_cpu_bf16({"amx_bf16"}, "2.0.1")
+    assert not dv.fast_cpu_bf16({"avx512_bf16"}, "1.11.0+cu102") and not dv.fast_cpu_bf16({"avx512f"}, "2.13.0")
+    assert dv.resolve_precision("bf16", "cpu") == torch.bfloat16 and dv.resolve_precision("fp32", "cpu") is None
+    for fast in (True, False):
+        monkeypatch.setattr(dv, "fast_cpu_bf16", lambda fast=fast: fast)
+        assert dv.resolve_precision("auto", "cpu") == (torch.bfloat16 if fast else None)
+        assert dv.resolve_precision("auto", "cuda") is None
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        dv.resolve_precision("fp16", "cpu")
+
+
+def test_bf16_sampling_stays_near_fp32(tiny_model_dir):
+    """The network runs under bf16 autocast and hands the sampler float32. Over 4 steps of the
+    tiny model the images move by 0.03 on average (measured; [-1, 1] scale) from the fp32 ones."""
+    from difflab.devices import autocast_fn
+    from difflab.digits.generate import generate_images
+
+    lin = torch.nn.Linear(64, 64)
+    seen = []
+    fn = autocast_fn(lambda x: seen.append(lin(x).dtype) or lin(x), "cpu", torch.bfloat16)
+    x = torch.randn(8, 64)
+    y = fn(x)
+    assert seen == [torch.bfloat16] and y.dtype == torch.float32
+    assert torch.allclose(y, lin(x), rtol=0, atol=0.05) and not torch.equal(y, lin(x))
+    assert autocast_fn(lin, "cpu", None) is lin
+
+    net, schedule, _ = load_digit_model(tiny_model_dir)
+    digits, datasets, _ = course_plan(2)
+    out = {p: generate_images(net, schedule, digits, datasets, SampleConfig(steps=4, precision=p, seed=5), progress=False)
+           for p in ("fp32", "bf16")}
+    diff = (out["bf16"] - out["fp32"]).abs()
+    assert 0 < float(diff.mean()) < MEAN_BF16_GAP, float(diff.mean())

@@ -157,7 +157,7 @@ def load_digit_set(root: PathLike, name: str, cache_dir: Optional[PathLike] = No
 
 class BalancedDigits:
     """Both datasets in memory, sampled so that each batch draws each dataset with
-    probability ``1 / len(sets)`` regardless of their sizes.
+    probability ``1 / len(sets)`` (or the given ``shares``) regardless of their sizes.
 
     ``batch(step, ...)`` is a pure function of (seed, step, rank): resuming at a step
     reproduces exactly the batches an uninterrupted run would have drawn.
@@ -175,9 +175,16 @@ class BalancedDigits:
             raise FileNotFoundError(f"digit data folder not found: {root} (expected mnistm/ and svhn/ inside)")
         return cls([load_digit_set(root, name, cache_dir, progress) for name in DATASETS])
 
-    def draw(self, generator: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
-        """(dataset [n], index [n]): each dataset with probability 1/len(sets), then a uniform image of it."""
-        which = torch.randint(len(self.sets), (n,), generator=generator)
+    def draw(self, generator: torch.Generator, n: int, shares: Optional[Sequence[float]] = None) -> tuple[Tensor, Tensor]:
+        """(dataset [n], index [n]): each dataset with probability 1/len(sets) (``shares``: with
+        these probabilities, in the order of ``sets``), then a uniform image of it."""
+        if shares is None:
+            which = torch.randint(len(self.sets), (n,), generator=generator)
+        else:
+            if len(shares) != len(self.sets) or min(shares) < 0 or sum(shares) <= 0:
+                raise ValueError(f"shares must be {len(self.sets)} non-negative numbers, not all 0; got {list(shares)}")
+            probs = torch.tensor(shares, dtype=torch.float64)
+            which = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
         idx = torch.empty(n, dtype=torch.long)
         for k in range(len(self.sets)):
             sel = which == k
@@ -193,9 +200,11 @@ class BalancedDigits:
             images[sel], digits[sel] = self.images[k][idx[sel]], self.labels[k][idx[sel]]
         return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), digits
 
-    def batch(self, generator: torch.Generator, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw a batch: images [B,3,28,28] float in [-1, 1], digit [B], dataset [B], grouped by dataset."""
-        which, idx = self.draw(generator, batch_size)
+    def batch(self, generator: torch.Generator, batch_size: int,
+              shares: Optional[Sequence[float]] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw a batch: images [B,3,28,28] float in [-1, 1], digit [B], dataset [B], grouped by dataset
+        (``shares``: as in :meth:`draw`)."""
+        which, idx = self.draw(generator, batch_size, shares)
         order = torch.sort(which, stable=True).indices
         which, idx = which[order], idx[order]
         x, digit = self.gather(which, idx)

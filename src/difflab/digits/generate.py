@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from difflab.data import DATASETS
+from difflab.devices import autocast_fn, resolve_precision
 from difflab.digits.config import SampleConfig
 from difflab.guidance import guided
 from difflab.io import PathLike, save_png
@@ -55,7 +56,8 @@ def sample_digits(
     """Sample one batch. ``noise`` [B,3,28,28] is x_T; returns images in [-1, 1]."""
     cfg.validate()
     device = next(net.parameters()).device
-    denoiser = guided(DigitDenoiser(net), cfg.guidance_scale - 1.0, null_condition(cfg.guide_on),  # w = S - 1
+    net_fn = autocast_fn(DigitDenoiser(net), device, resolve_precision(cfg.precision, device))
+    denoiser = guided(net_fn, cfg.guidance_scale - 1.0, null_condition(cfg.guide_on),  # w = S - 1
                       interval=cfg.guidance_interval)
     cond = (digits.to(device), datasets.to(device))
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # per-step noise (ddpm / eta > 0)

@@ -59,7 +59,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def draw_shard(data: BalancedDigits, cfg: TrainConfig, g: torch.Generator, n: int):
     """Images, steps, noise and condition-dropped labels of ``n`` rows drawn from ``g``."""
-    x0, digit, dataset = data.batch(g, n)
+    shares = None if cfg.svhn_share == 0.5 else (1.0 - cfg.svhn_share, cfg.svhn_share)  # 0.5: the original draw
+    x0, digit, dataset = data.batch(g, n, shares)
     t = torch.randint(cfg.num_train_steps, (n,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     drop_d = torch.rand(n, generator=g) < cfg.p_uncond_digit
@@ -101,7 +102,8 @@ def _resumed(latest: Optional[Path]) -> tuple[int, list[float], Optional[dict], 
     if latest is None:
         return 0, [], None, None
     state = load_json(latest / "state.json")
-    return int(state["step"]), list(state["losses"]), state, TrainConfig.from_dict(state["train_config"])
+    options = {"svhn_share": 0.5, **state["train_config"]}  # runs saved before --svhn-share drew half and half
+    return int(state["step"]), list(state["losses"]), state, TrainConfig.from_dict(options)
 
 
 def _leg_changes(run_dir: Path, saved: Optional[TrainConfig], state: Optional[dict], cfg: TrainConfig,
