@@ -155,20 +155,20 @@ def test_resume_gives_the_same_losses(tmp_path):
 
 
 def test_a_run_saved_before_svhn_share_resumes_as_half_and_half(tmp_path):
-    """A checkpoint without svhn_share (runs made before the option) drew half and half: resuming
-    it with the new default 0.6 is refused by name, with --svhn-share 0.5 it continues."""
+    """A checkpoint without svhn_share (runs made before the option) drew half and half:
+    resuming it with --svhn-share 0.6 is refused by name, with the default 0.5 it continues."""
     import json
 
     make_layout(tmp_path / "d")
     data = BalancedDigits.from_root(tmp_path / "d", cache_dir=tmp_path / "c", progress=False)
-    train(None, tmp_path / "run", _tiny_cfg(svhn_share=0.5), data=data, progress=False, stop_at=3)
+    train(None, tmp_path / "run", _tiny_cfg(svhn_share=0.6), data=data, progress=False, stop_at=3)
     state_file = latest_checkpoint(tmp_path / "run") / "state.json"
     state = json.loads(state_file.read_text())
     del state["train_config"]["svhn_share"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match="svhn_share 0.5 -> 0.6"):
-        train(None, tmp_path / "run", _tiny_cfg(), data=data, progress=False, resume=True)
-    assert len(train(None, tmp_path / "run", _tiny_cfg(svhn_share=0.5), data=data, progress=False, resume=True)) == 6
+        train(None, tmp_path / "run", _tiny_cfg(svhn_share=0.6), data=data, progress=False, resume=True)
+    assert len(train(None, tmp_path / "run", _tiny_cfg(), data=data, progress=False, resume=True)) == 6
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
