@@ -32,7 +32,8 @@ from pathlib import Path
 from difflab.cli import build_parser
 from difflab.digits.config import SampleConfig
 from difflab.digits.evaluate import evaluate_fidelity, evaluate_folder
-from difflab.digits.model_io import SHIPPED_DIR, load_digit_model
+from difflab.digits.model_io import SHIPPED_DIR, resolve_model_dir
+from difflab.io import load_json
 from difflab.options import config_from_args
 from difflab.sampling import spaced_timesteps
 
@@ -117,13 +118,13 @@ def main(argv=None) -> int:
     print("|" + "---|" * 21)
     first = None
     for label, opts, cfg, ckpt in recipes:
-        _, schedule, _ = load_digit_model(ckpt)
+        num_steps = int(load_json(resolve_model_dir(ckpt) / "config.json")["num_train_steps"])  # T, for evals/image
         with tempfile.TemporaryDirectory() as tmp:
             seconds = timed_generate(opts, Path(tmp) / "out", args.per_class, args.threads, args.repeats)
             first = first or seconds
             acc = evaluate_folder(Path(tmp) / "out", classifiers["mnistm"], classifiers["svhn"])
             fid = evaluate_fidelity(Path(tmp) / "out", data, classifiers, per_class=args.per_class)
-        print(row(label, opts, cfg, evaluations_per_image(cfg, schedule.num_steps), seconds, first, acc, fid),
+        print(row(label, opts, cfg, evaluations_per_image(cfg, num_steps), seconds, first, acc, fid),
               flush=True)
     fm, fs = fid["mnistm"]["floor"], fid["svhn"]["floor"]
     print(f"\nreal-data floor (two disjoint real sets): FD mnistm {fm.frechet:.2f}, KID {fm.kid_mean * 1000:.1f}, "

@@ -178,11 +178,11 @@ class BalancedDigits:
     def draw(self, generator: torch.Generator, n: int, shares: Optional[Sequence[float]] = None) -> tuple[Tensor, Tensor]:
         """(dataset [n], index [n]): each dataset with probability 1/len(sets) (``shares``: with
         these probabilities, in the order of ``sets``), then a uniform image of it."""
-        if shares is None:
+        if shares is not None and (len(shares) != len(self.sets) or min(shares) < 0 or sum(shares) <= 0):
+            raise ValueError(f"shares must be {len(self.sets)} non-negative numbers, not all 0; got {list(shares)}")
+        if shares is None or len(set(shares)) == 1:  # equal shares: the uniform draw (that of runs made before shares)
             which = torch.randint(len(self.sets), (n,), generator=generator)
         else:
-            if len(shares) != len(self.sets) or min(shares) < 0 or sum(shares) <= 0:
-                raise ValueError(f"shares must be {len(self.sets)} non-negative numbers, not all 0; got {list(shares)}")
             probs = torch.tensor(shares, dtype=torch.float64)
             which = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
         idx = torch.empty(n, dtype=torch.long)

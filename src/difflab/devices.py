@@ -1,6 +1,7 @@
 """Device selection shared by every command: the project's one copy."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -23,8 +24,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@lru_cache(maxsize=None)
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
-    """The CPU feature flags the kernel reports (empty where there is no ``/proc/cpuinfo``)."""
+    """The CPU feature flags the kernel reports (empty where there is no ``/proc/cpuinfo``); read
+    once per file (``auto`` precision asks for every sampled batch)."""
     try:
         with open(cpuinfo) as f:
             for line in f:

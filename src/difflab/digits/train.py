@@ -59,8 +59,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def draw_shard(data: BalancedDigits, cfg: TrainConfig, g: torch.Generator, n: int):
     """Images, steps, noise and condition-dropped labels of ``n`` rows drawn from ``g``."""
-    shares = None if cfg.svhn_share == 0.5 else (1.0 - cfg.svhn_share, cfg.svhn_share)  # 0.5: the original draw
-    x0, digit, dataset = data.batch(g, n, shares)
+    x0, digit, dataset = data.batch(g, n, (1.0 - cfg.svhn_share, cfg.svhn_share))
     t = torch.randint(cfg.num_train_steps, (n,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     drop_d = torch.rand(n, generator=g) < cfg.p_uncond_digit

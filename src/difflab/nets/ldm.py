@@ -307,7 +307,19 @@ class UNetOutput:
     sample: Tensor  # eps, [B, out_channels, h, w]
 
 
-class LdmUNet(nn.Module):
+class PlacedModule(nn.Module):
+    """``.device`` and ``.dtype`` of the parameters, which diffusers' models expose and the SD code reads."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class LdmUNet(PlacedModule):
     """SD v1's noise-prediction UNet: ``forward(sample [B, C, h, w], timestep,
     encoder_hidden_states [B, L, cross_attention_dim]).sample`` is eps, as
     ``UNet2DConditionModel`` computes it. ``attention_head_dim`` is, as in diffusers'
@@ -378,14 +390,6 @@ class LdmUNet(nn.Module):
                     layers.append(Upsample(ch))
                 blocks.append(TimestepSequential(*layers))
         return nn.ModuleList(blocks)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def time_embedding(self, sample: Tensor, timestep: Any) -> Tensor:
         """[B, 4 C0] embedding of ``timestep`` (int, float, 0-d or [B] / [1] tensor), broadcast to
@@ -581,7 +585,7 @@ class DecoderOutput:
     sample: Tensor
 
 
-class LdmVAE(nn.Module):
+class LdmVAE(PlacedModule):
     """SD v1's KL autoencoder, as ``AutoencoderKL`` computes it: ``encode(x).latent_dist``
     (x in [-1, 1]) and ``decode(z).sample``; ``z`` is the unscaled latent (divide sampled
     latents by ``config.scaling_factor`` first)."""
@@ -604,14 +608,6 @@ class LdmVAE(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **options: Any) -> LdmVAE:
         return cls(config, **options)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def encode(self, x: Tensor, return_dict: bool = True) -> Any:
         dist = DiagonalGaussian(self.quant_conv(self.encoder(x)))
