@@ -56,14 +56,15 @@ def parse_recipe(text: str) -> tuple[str, list[str], SampleConfig, str]:
     return label.strip(), opts, config_from_args(SampleConfig, args), args.ckpt or str(SHIPPED_DIR)
 
 
-def evaluations_per_image(cfg: SampleConfig, num_steps: int) -> int:
-    """Network evaluations per image: one per step, two where guidance applies."""
+def evaluations_per_image(cfg: SampleConfig, num_steps: int, distilled: bool = False) -> int:
+    """Network evaluations per image: one per step, two where guidance applies (a distilled
+    model guides in one)."""
     from difflab.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.from_name("linear", num_steps)
     steps = range(num_steps) if cfg.sampler == "ddpm" else spaced_timesteps(schedule, cfg.steps, cfg.spacing).tolist()
     lo, hi = cfg.guidance_interval or (0, num_steps)
-    return sum(2 if cfg.guidance_scale != 1 and lo <= t <= hi else 1 for t in steps)
+    return sum(2 if cfg.guidance_scale != 1 and lo <= t <= hi and not distilled else 1 for t in steps)
 
 
 def timed_generate(options: list[str], out: Path, per_class: int, threads: int, repeats: int) -> float:
@@ -118,13 +119,14 @@ def main(argv=None) -> int:
     print("|" + "---|" * 21)
     first = None
     for label, opts, cfg, ckpt in recipes:
-        num_steps = int(load_json(resolve_model_dir(ckpt) / "config.json")["num_train_steps"])  # T, for evals/image
+        meta = load_json(resolve_model_dir(ckpt) / "config.json")  # T and whether distilled, for evals/image
+        num_steps, distilled = int(meta["num_train_steps"]), meta.get("distilled") is not None
         with tempfile.TemporaryDirectory() as tmp:
             seconds = timed_generate(opts, Path(tmp) / "out", args.per_class, args.threads, args.repeats)
             first = first or seconds
             acc = evaluate_folder(Path(tmp) / "out", classifiers["mnistm"], classifiers["svhn"])
             fid = evaluate_fidelity(Path(tmp) / "out", data, classifiers, per_class=args.per_class)
-        print(row(label, opts, cfg, evaluations_per_image(cfg, num_steps), seconds, first, acc, fid),
+        print(row(label, opts, cfg, evaluations_per_image(cfg, num_steps, distilled), seconds, first, acc, fid),
               flush=True)
     fm, fs = fid["mnistm"]["floor"], fid["svhn"]["floor"]
     print(f"\nreal-data floor (two disjoint real sets): FD mnistm {fm.frechet:.2f}, KID {fm.kid_mean * 1000:.1f}, "

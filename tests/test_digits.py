@@ -198,19 +198,25 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- generation
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def write_tiny_model(folder: Path, seed: int = 0, scale: float = 0.02) -> Path:
+    """A model folder of a TINY network, every weight perturbed by ``scale`` x N(0, 1) (so the
+    output layers are non-zero and samples depend on everything, conditions included)."""
     from difflab.io import save_json, save_tensors
 
-    d = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
     net = DigitUNet(TINY)
-    with torch.no_grad():  # non-zero output layers so that samples depend on everything
+    with torch.no_grad():
         for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_json({"model": TINY.to_dict(), "schedule": "linear", "num_train_steps": 1000}, d / "config.json")
-    save_tensors(net.state_dict(), d / "model.safetensors")
-    return d
+            p.add_(torch.randn_like(p) * scale)
+    save_json({"model": TINY.to_dict(), "schedule": "linear", "num_train_steps": 1000}, folder / "config.json")
+    save_tensors(net.state_dict(), folder / "model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def _digest(folder: Path) -> dict:

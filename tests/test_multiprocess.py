@@ -109,18 +109,9 @@ def test_resume_on_another_process_count_keeps_the_global_batch_or_refuses():
 def test_two_processes_write_the_digit_files_of_one(tmp_path):
     from difflab.digits.generate import SampleConfig, generate_course_set
     from difflab.digits.model_io import load_digit_model
-    from difflab.io import save_json, save_tensors
-    from difflab.nets.digit_unet import DigitUNet
-    from test_digits import TINY
+    from test_digits import write_tiny_model
 
-    model = tmp_path / "model"
-    torch.manual_seed(0)
-    net = DigitUNet(TINY)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_json({"model": TINY.to_dict(), "schedule": "linear", "num_train_steps": 1000}, model / "config.json")
-    save_tensors(net.state_dict(), model / "model.safetensors")
+    model = write_tiny_model(tmp_path / "model")
     launch(["digits", "generate", "--ckpt", model, "--out", "two", "--steps", 3, "--per-class", 2, "--batch-size", 7,
             "--quiet", "--device", "cpu"], tmp_path, launcher="torchrun")
     net, schedule, _ = load_digit_model(model)

@@ -25,6 +25,7 @@ from difflab.options import (
     out_option,
     overwrite_option,
     quiet_option,
+    resume_option,
     seed_option,
 )
 
@@ -43,6 +44,16 @@ def _default_evaluators() -> Path:
 @dataclass(kw_only=True)
 class TrainRun(DigitDataRun):
     out: str = out_option("run folder: checkpoints/, samples/, train_config.json")
+
+
+@dataclass(kw_only=True)
+class DistillRun(Config):
+    teacher: str = option(help="the guided model to distil: model folder, run folder or model.safetensors")
+    data: Optional[str] = option(None, "folder in the course layout (mnistm/, svhn/) for the data rows; none: only with "
+                                 "--trajectory-share 1")
+    out: str = out_option("run folder: checkpoints/, train_config.json (export it with `digits export`)")
+    resume: bool = resume_option()
+    quiet: bool = quiet_option()
 
 
 @dataclass(kw_only=True)
@@ -88,11 +99,14 @@ class ExportRun(Config):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from difflab.digits.config import SampleConfig, TrainConfig
+    from difflab.digits.config import DistillConfig, SampleConfig, TrainConfig
 
     s = add_group(sub, NAME, HELP, "Train, sample, evaluate and plot the class-conditional digit model.")
     add_command(s, "train", _train, (TrainRun, TrainConfig, Threads),
                 help="train a digit model (Accelerate: CPU, GPU, multi-GPU, mixed precision)")
+    add_command(s, "distill", _distill, (DistillRun, DistillConfig, Threads),
+                help="distil a guided model into one that guides in one network evaluation per step (half the "
+                     "sampling time)")
     add_command(s, "generate", _generate, (GenerateRun, SampleConfig, Threads),
                 help="write the course's 1,000 images (50 per digit per dataset)")
     add_command(s, "evaluate", _evaluate, (EvaluateRun, Threads),
@@ -129,6 +143,16 @@ def _train(args: argparse.Namespace) -> int:
     run, cfg = config_from_args(TrainRun, args), config_from_args(TrainConfig, args)
     _check_out(run.out)
     train(run.data, run.out, cfg, resume=run.resume, progress=not run.quiet, sample_fn=training_sample_fn)
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from difflab.digits.config import DistillConfig
+    from difflab.digits.distill import distill
+
+    run, cfg = config_from_args(DistillRun, args), config_from_args(DistillConfig, args)
+    _check_out(run.out)
+    distill(run.teacher, run.data, run.out, cfg, resume=run.resume, progress=not run.quiet)
     return 0
 
 

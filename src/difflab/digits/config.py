@@ -48,6 +48,44 @@ class TrainConfig(Config):
 
 
 @dataclass
+class DistillConfig(Config):
+    """Guidance distillation options (``difflab digits distill``); the defaults (with
+    ``--mixed-precision bf16``) are the recipe of the shipped model (docs/model-cards/digits.md).
+
+    The student starts as a copy of the teacher and learns, in one network evaluation, the
+    teacher's guided prediction eps_u + S (eps_c - eps_u) at S = ``guidance_scale``, guiding
+    on both conditions (Meng et al. 2023, "On distillation of guided diffusion models",
+    stage one with a fixed S). Each batch mixes two kinds of rows: real images noised to a
+    uniform random step (the model stays usable at any step), and states of the teacher's
+    own guided DDIM trajectories at the ``sample_steps`` steps that sampling visits.
+    """
+
+    guidance_scale: float = guidance_scale_option(4.0, ": the guided teacher the student learns")
+    steps: int = option(4000, "total optimisation steps", minimum=1)
+    batch_size: int = option(64, "rows per step (per process)", minimum=1)
+    trajectory_share: float = option(0.5, "fraction of each batch taken from the teacher's guided DDIM trajectories "
+                                     "(the rest: real images noised to a uniform random step)", minimum=0.0, maximum=1.0)
+    sample_steps: int = option(10, "DDIM steps (uniform spacing) of the teacher trajectories", minimum=1)
+    lr: float = option(3e-4, "peak AdamW learning rate (linear warm-up, then cosine decay)", above=0.0)
+    warmup: int = option(100, "linear warm-up steps", minimum=0)
+    min_lr_ratio: float = option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    ema_decay: float = option(0.998, "EMA decay of the saved weights", minimum=0.0, maximum=1.0)
+    svhn_share: float = option(0.5, "probability that a real image or a trajectory's label is SVHN rather than "
+                               "MNIST-M", minimum=0.0, maximum=1.0)
+    seed: int = seed_option()
+    ckpt_every: int = option(500, "checkpoint every N steps (0: only at the end)", minimum=0)
+    keep_checkpoints: int = option(2, "how many checkpoints to keep (0: all)", minimum=0)
+    mixed_precision: str = mixed_precision_option()
+    device: str = device_option(" (several GPUs: `accelerate launch`)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.guidance_scale == 1:
+            raise ValueError("guidance_scale 1 is the conditional model itself: there is no guidance to distil")
+
+
+@dataclass
 class SampleConfig(Config):
     sampler: str = option("ddim", "ddim, dpmpp-2m (DPM-Solver++(2M)), unipc (UniPC, B(h) = h) or ddpm (all T "
                           "ancestral steps)", choices=SAMPLERS)

@@ -7,7 +7,9 @@ run folder picks its newest complete checkpoint.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Optional
 
 from difflab.assets import SHIPPED_DIGITS
 from difflab.io import PathLike, assign_state, load_json, load_tensors
@@ -64,9 +66,22 @@ def load_digit_model(path: PathLike = SHIPPED_DIR, device="cpu", weights: str = 
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_TRAIN_STEPS:
             raise ValueError(f"num_train_steps must be an integer in [1, {MAX_TRAIN_STEPS}], got {steps!r}")
         schedule = NoiseSchedule.from_name(schedule_name, steps)
+        distilled_scale = _distilled_scale(meta.get("distilled"))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file}: {e}") from None
     fname = d / ("model.safetensors" if weights == "ema" else "raw.safetensors")
     state = load_tensors(fname)
     net = assign_state(lambda: DigitUNet(cfg), state, fname)
+    net.distilled_scale = distilled_scale
     return net.to(device).eval(), schedule, meta
+
+
+def _distilled_scale(section) -> Optional[float]:
+    """The guidance scale of a ``"distilled"`` section of config.json (None: not distilled)."""
+    if section is None:
+        return None
+    scale = section.get("guidance_scale") if isinstance(section, dict) else None
+    if (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0
+            or section.get("guide_on", "both") != "both"):
+        raise ValueError(f"'distilled' must be {{\"guidance_scale\": S >= 0, \"guide_on\": \"both\"}}, got {section!r}")
+    return float(scale)

@@ -76,36 +76,39 @@ def draw_batch(data: BalancedDigits, cfg: TrainConfig, step: int, shards: Option
     return shards.draw(cfg.seed, step, lambda g, n: draw_shard(data, cfg, g, n))
 
 
-def _save_checkpoint(run_dir: Path, step: int, model, ema: dict, optimizer, cfg: TrainConfig, losses: list[float],
-                     keep: int, processes: Optional[dict] = None, legs: Sequence[dict] = ()) -> Path:
-    """Write ``checkpoints/step_XXXXXXX`` atomically (see :func:`difflab.training.write_checkpoint`);
-    ``processes``: the world size, shard count and state digests (:class:`difflab.training.Loop`);
-    ``legs``: the resumed legs that changed options (:func:`difflab.training.add_leg`)."""
+def save_checkpoint(run_dir: Path, step: int, meta: dict, model, ema: dict, optimizer, state: dict, keep: int) -> Path:
+    """Write ``checkpoints/step_XXXXXXX`` atomically (see :func:`difflab.training.write_checkpoint`):
+    ``config.json`` (``meta``: what :func:`difflab.digits.model_io.load_digit_model` reads),
+    the EMA and raw weights, the optimizer state, and ``state.json`` (``{"step": step, **state}``)."""
 
     def write(folder: Path) -> None:
-        meta = {"model": cfg.model.to_dict(), "schedule": cfg.schedule, "num_train_steps": cfg.num_train_steps}
         save_json(meta, folder / "config.json")
         save_tensors(ema, folder / "model.safetensors")
         save_tensors(model.state_dict(), folder / "raw.safetensors")
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        legs_ = {"legs": list(legs)} if legs else {}
-        save_json({"step": step, "losses": losses, "train_config": cfg.to_dict(), **legs_, **(processes or {})},
-                  folder / "state.json")
+        save_json({"step": step, **state}, folder / "state.json")
 
     return write_checkpoint(run_dir / "checkpoints", step, write, keep)
 
 
-def _resumed(latest: Optional[Path]) -> tuple[int, list[float], Optional[dict], Optional[TrainConfig]]:
-    """(first step, losses so far, the checkpoint's state, its options) of a run resumed
-    from checkpoint ``latest`` (None: a new run)."""
+def run_state(cfg, losses: list[float], processes: Optional[dict], legs: Sequence[dict]) -> dict:
+    """What ``state.json`` records beside the step: losses, options, the legs that changed
+    options (:func:`difflab.training.add_leg`) and the processes (:class:`difflab.training.Loop`)."""
+    return {"losses": losses, "train_config": cfg.to_dict(), **({"legs": list(legs)} if legs else {}), **(processes or {})}
+
+
+def resumed(latest: Optional[Path], config_type=TrainConfig, before: Optional[dict] = None) -> tuple:
+    """(first step, losses so far, the checkpoint's state, its options as ``config_type``) of
+    a run resumed from checkpoint ``latest`` (None: a new run). ``before``: the values of
+    options added after a run was saved, as such runs had them."""
     if latest is None:
         return 0, [], None, None
     state = load_json(latest / "state.json")
-    options = {"svhn_share": 0.5, **state["train_config"]}  # runs saved before --svhn-share drew half and half
-    return int(state["step"]), list(state["losses"]), state, TrainConfig.from_dict(options)
+    options = {**(before or {}), **state["train_config"]}
+    return int(state["step"]), list(state["losses"]), state, config_type.from_dict(options)
 
 
-def _leg_changes(run_dir: Path, saved: Optional[TrainConfig], state: Optional[dict], cfg: TrainConfig,
+def leg_changes(run_dir: Path, saved: Optional[TrainConfig], state: Optional[dict], cfg: TrainConfig,
                  world: int) -> dict:
     """The options this leg changes (:func:`difflab.training.config_changes`), after
     refusing any it may not: more steps, NOT_A_CHANGE, and the batch size together with
@@ -159,11 +162,11 @@ def train(
 def _train(data_root, run_dir: Path, cfg: TrainConfig, resume: bool, stop_at: Optional[int],
            data: Optional[BalancedDigits], progress: bool, sample_fn: Optional[Callable], shards: Optional[int]) -> list[float]:
     latest = resume_or_refuse(run_dir, resume)
-    start, losses, state, saved = _resumed(latest)
+    start, losses, state, saved = resumed(latest, TrainConfig, {"svhn_share": 0.5})  # runs before --svhn-share: half
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     count = resume_shards(latest, state, world, cfg.batch_size, saved.batch_size if saved else 0, shards)
-    legs = add_leg((state or {}).get("legs", []), start, _leg_changes(run_dir, saved, state, cfg, world))
+    legs = add_leg((state or {}).get("legs", []), start, leg_changes(run_dir, saved, state, cfg, world))
     rows = Shards(count, cfg.batch_size, world, rank)
     if data is None:
         data = BalancedDigits.from_root(data_root, progress=progress and accelerator.is_main_process)
@@ -190,8 +193,9 @@ def _train(data_root, run_dir: Path, cfg: TrainConfig, resume: bool, stop_at: Op
             return ddpm_loss(denoiser, schedule, x0, t, noise, (digit, dataset), min_snr_gamma=cfg.min_snr_gamma), {}
 
     def checkpoint(done: int, processes: dict) -> None:
-        _save_checkpoint(run_dir, done, accelerator.unwrap_model(model), ema.shadows["model"], optimizer, cfg, losses,
-                         cfg.keep_checkpoints, processes, legs)
+        meta = {"model": cfg.model.to_dict(), "schedule": cfg.schedule, "num_train_steps": cfg.num_train_steps}
+        save_checkpoint(run_dir, done, meta, accelerator.unwrap_model(model), ema.shadows["model"], optimizer,
+                        run_state(cfg, losses, processes, legs), cfg.keep_checkpoints)
 
     def sample(done: int) -> None:
         sample_fn(ema.shadows["model"], cfg, run_dir / "samples" / f"step_{done:07d}.png")

@@ -86,12 +86,19 @@ class Attention(nn.Module):
 
 
 class DigitUNet(nn.Module):
-    """eps = net(x [B,3,28,28], t [B] long, digit [B] long, dataset [B] long)."""
+    """eps = net(x [B,3,28,28], t [B] long, digit [B] long, dataset [B] long).
+
+    ``distilled_scale``: None for a model trained on data (guidance costs a second,
+    unconditional evaluation), or the guidance scale S whose guided prediction the network
+    was distilled to give in one evaluation (``difflab digits distill``; set by the loader
+    from the model's ``config.json``).
+    """
 
     def __init__(self, config: DigitUNetConfig | None = None):
         super().__init__()
         cfg = config or DigitUNetConfig()
         self.config = cfg
+        self.distilled_scale: float | None = None
         ch = cfg.channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
