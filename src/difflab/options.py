@@ -380,6 +380,16 @@ def seed_option() -> Any:
     return option(0, "seed of every random draw; the same seed gives the same output", minimum=0, shared="seed")
 
 
+def min_lr_ratio_option() -> Any:
+    """``--min-lr-ratio`` of a trainer with warm-up and cosine decay (:func:`difflab.training.cosine_lr`)."""
+    return option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
+
+
+def grad_clip_option() -> Any:
+    """``--grad-clip`` of a trainer (:func:`difflab.training.optimizer_step`)."""
+    return option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+
+
 def mixed_precision_option() -> Any:
     """``--mixed-precision`` of a trainer (Accelerate's names)."""
     return option("no", "Accelerate mixed precision: no, fp16 or bf16 (fp16 and bf16 on a GPU)",

@@ -10,7 +10,16 @@ from typing import Optional, Tuple
 
 from difflab.devices import PRECISIONS
 from difflab.nets.digit_unet import DigitUNetConfig
-from difflab.options import Config, device_option, guidance_scale_option, mixed_precision_option, option, seed_option
+from difflab.options import (
+    Config,
+    device_option,
+    grad_clip_option,
+    guidance_scale_option,
+    min_lr_ratio_option,
+    mixed_precision_option,
+    option,
+    seed_option,
+)
 from difflab.sampling import SAMPLERS, SPACINGS
 
 GUIDE_ON = ("both", "digit", "dataset")
@@ -26,9 +35,9 @@ class TrainConfig(Config):
     batch_size: int = option(64, "images per step (per process)", minimum=1)
     lr: float = option(8e-4, "peak AdamW learning rate (linear warm-up, then cosine decay)", above=0.0)
     warmup: int = option(500, "linear warm-up steps", minimum=0)
-    min_lr_ratio: float = option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
+    min_lr_ratio: float = min_lr_ratio_option()
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0)
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    grad_clip: float = grad_clip_option()
     ema_decay: float = option(0.999, "EMA decay of the saved weights", minimum=0.0, maximum=1.0)
     p_uncond_digit: float = option(0.1, "probability of dropping the digit label", minimum=0.0, maximum=1.0)
     p_uncond_dataset: float = option(0.1, "probability of dropping the dataset label", minimum=0.0, maximum=1.0)
@@ -50,7 +59,8 @@ class TrainConfig(Config):
 @dataclass
 class DistillConfig(Config):
     """Guidance distillation options (``difflab digits distill``); the defaults (with
-    ``--mixed-precision bf16``) are the recipe of the shipped model (docs/model-cards/digits.md).
+    ``--mixed-precision bf16``) are the recipe of the distilled model measured in
+    docs/results.md#digits (not shipped).
 
     The student starts as a copy of the teacher and learns, in one network evaluation, the
     teacher's guided prediction eps_u + S (eps_c - eps_u) at S = ``guidance_scale``, guiding
@@ -68,8 +78,8 @@ class DistillConfig(Config):
     sample_steps: int = option(10, "DDIM steps (uniform spacing) of the teacher trajectories", minimum=1)
     lr: float = option(3e-4, "peak AdamW learning rate (linear warm-up, then cosine decay)", above=0.0)
     warmup: int = option(100, "linear warm-up steps", minimum=0)
-    min_lr_ratio: float = option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    min_lr_ratio: float = min_lr_ratio_option()
+    grad_clip: float = grad_clip_option()
     ema_decay: float = option(0.998, "EMA decay of the saved weights", minimum=0.0, maximum=1.0)
     svhn_share: float = option(0.5, "probability that a real image or a trajectory's label is SVHN rather than "
                                "MNIST-M", minimum=0.0, maximum=1.0)

@@ -29,7 +29,7 @@ and refuses guidance options the student does not hold (:func:`difflab.digits.ge
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -39,10 +39,10 @@ from torch import Tensor
 from difflab.data import BalancedDigits
 from difflab.digits.config import DistillConfig
 from difflab.digits.generate import null_condition
-from difflab.digits.model_io import load_digit_model, resolve_model_dir
+from difflab.digits.model_io import load_digit_model
 from difflab.digits.train import leg_changes, resumed, run_state, save_checkpoint, state_tensors
 from difflab.guidance import guided
-from difflab.io import PathLike, save_json
+from difflab.io import PathLike, load_tensors, save_json
 from difflab.nets.digit_unet import NUM_DIGITS, DigitDenoiser, DigitUNet
 from difflab.processes import main_process
 from difflab.sampling import ddim_sample, spaced_timesteps
@@ -59,29 +59,23 @@ from difflab.training import (
     resume_shards,
     run_lock,
     run_loop,
+    tensor_digest,
 )
 
 DATA_STREAM, TRAJECTORY_STREAM, STREAMS = 0, 1, 2
 CLIP_X0 = 1.0  # the trajectories clip x0 as `digits generate` does by default
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_teacher(path: PathLike, device="cpu") -> tuple[DigitUNet, NoiseSchedule, dict, str]:
-    """(network, schedule, config.json, sha256 of its weights) of a guided teacher; a model
-    that is itself distilled is refused (it holds no unconditional prediction to guide with)."""
+    """(network, schedule, config.json, sha256 of its weights: :func:`difflab.training.tensor_digest`)
+    of a guided teacher; a model that is itself distilled is refused (it holds no
+    unconditional prediction to guide with)."""
     net, schedule, meta = load_digit_model(path, device=device)
     if meta.get("distilled") is not None:
         raise ValueError(f"--teacher {path}: this model is already distilled (guidance scale "
                          f"{meta['distilled'].get('guidance_scale')}); distil from the guided model it came from")
     net.requires_grad_(False)
-    return net, schedule, meta, file_sha256(resolve_model_dir(path) / "model.safetensors")
+    return net, schedule, meta, tensor_digest(net.state_dict().items())
 
 
 def teacher_trajectories(teacher_eps, schedule: NoiseSchedule, timesteps: Tensor, noise: Tensor, cond) -> tuple[Tensor, Tensor, Tensor]:
@@ -197,11 +191,12 @@ def _distill(teacher_path, data_root, run_dir: Path, cfg: DistillConfig, resume:
         if data_root is None:
             raise ValueError("--data is needed unless --trajectory-share is 1 (every row from the teacher's trajectories)")
         data = BalancedDigits.from_root(data_root, progress=progress and accelerator.is_main_process)
-    student = load_digit_model(latest or teacher_path, weights="raw" if latest else "ema")[0].train().requires_grad_(True)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)  # a new run starts as the teacher
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema = EMA(cfg.ema_decay, {"model": student})
     if latest is not None:
-        ema.shadows["model"] = load_digit_model(latest)[0].state_dict()
+        student.load_state_dict(load_tensors(latest / "raw.safetensors"))
+        ema.shadows["model"] = load_tensors(latest / "model.safetensors")
         optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
     student, optimizer = accelerator.prepare(student, optimizer)
     guided_teacher = guided(DigitDenoiser(teacher), cfg.guidance_scale - 1.0, null_condition("both"))

@@ -41,9 +41,13 @@ def null_condition(guide_on: str) -> Callable:
     return null
 
 
-def check_distilled(scale: float, cfg: SampleConfig) -> None:
-    """A distilled model gives one guided prediction: refuse options asking for another."""
-    if cfg.guidance_scale != scale or cfg.guidance_interval is not None or cfg.guide_on != "both":
+def check_sampling(net, cfg: SampleConfig) -> None:
+    """Validate ``cfg`` for ``net``: a distilled model (``net.distilled_scale`` set) gives one
+    guided prediction, so options asking for another are refused."""
+    cfg.validate()
+    scale = getattr(net, "distilled_scale", None)  # DigitUNet's; any other network is guided
+    if scale is not None and (cfg.guidance_scale != scale or cfg.guidance_interval is not None
+                              or cfg.guide_on != "both"):
         raise ValueError(
             f"this model has guidance scale {scale:g} distilled into it (one network evaluation per step): it samples "
             f"only with --guidance-scale {scale:g}, --guide-on both and no --guidance-interval (asked: "
@@ -64,15 +68,13 @@ def sample_digits(
     progress: bool = False,
 ) -> Tensor:
     """Sample one batch. ``noise`` [B,3,28,28] is x_T; returns images in [-1, 1]."""
-    cfg.validate()
+    check_sampling(net, cfg)
     device = next(net.parameters()).device
     net_fn = autocast_fn(DigitDenoiser(net), device, resolve_precision(cfg.precision, device))
-    distilled = getattr(net, "distilled_scale", None)  # DigitUNet's; any other network is guided
-    if distilled is None:
+    if getattr(net, "distilled_scale", None) is None:
         denoiser = guided(net_fn, cfg.guidance_scale - 1.0, null_condition(cfg.guide_on),  # w = S - 1
                           interval=cfg.guidance_interval)
     else:
-        check_distilled(distilled, cfg)
         denoiser = net_fn  # the guided prediction in one evaluation
     cond = (digits.to(device), datasets.to(device))
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # per-step noise (ddpm / eta > 0)
@@ -135,9 +137,7 @@ def generate_course_set(net, schedule, out_dir: PathLike, cfg: SampleConfig, per
     ``overwrite``, which replaces it whole. With several processes each samples its share of
     the batches (on its own GPU: ``net`` is moved there) and sends them to the main one.
     """
-    cfg.validate()
-    if getattr(net, "distilled_scale", None) is not None:
-        check_distilled(net.distilled_scale, cfg)  # before any work
+    check_sampling(net, cfg)  # before any work
     t0 = time.time()
     procs = Processes(next(net.parameters()).device)
     net = net.to(procs.device)

@@ -29,6 +29,7 @@ from difflab.data import BalancedDigits
 from difflab.digits.config import TrainConfig
 from difflab.io import PathLike, load_json, load_tensors, save_json, save_tensors
 from difflab.nets.digit_unet import NULL_DATASET, NULL_DIGIT, DigitDenoiser, DigitUNet
+from difflab.options import Config
 from difflab.processes import main_process
 from difflab.schedule import NoiseSchedule, ddpm_loss
 from difflab.training import (
@@ -91,13 +92,13 @@ def save_checkpoint(run_dir: Path, step: int, meta: dict, model, ema: dict, opti
     return write_checkpoint(run_dir / "checkpoints", step, write, keep)
 
 
-def run_state(cfg, losses: list[float], processes: Optional[dict], legs: Sequence[dict]) -> dict:
+def run_state(cfg: Config, losses: list[float], processes: Optional[dict], legs: Sequence[dict]) -> dict:
     """What ``state.json`` records beside the step: losses, options, the legs that changed
     options (:func:`difflab.training.add_leg`) and the processes (:class:`difflab.training.Loop`)."""
     return {"losses": losses, "train_config": cfg.to_dict(), **({"legs": list(legs)} if legs else {}), **(processes or {})}
 
 
-def resumed(latest: Optional[Path], config_type=TrainConfig, before: Optional[dict] = None) -> tuple:
+def resumed(latest: Optional[Path], config_type: type = TrainConfig, before: Optional[dict] = None) -> tuple:
     """(first step, losses so far, the checkpoint's state, its options as ``config_type``) of
     a run resumed from checkpoint ``latest`` (None: a new run). ``before``: the values of
     options added after a run was saved, as such runs had them."""
@@ -108,8 +109,7 @@ def resumed(latest: Optional[Path], config_type=TrainConfig, before: Optional[di
     return int(state["step"]), list(state["losses"]), state, config_type.from_dict(options)
 
 
-def leg_changes(run_dir: Path, saved: Optional[TrainConfig], state: Optional[dict], cfg: TrainConfig,
-                 world: int) -> dict:
+def leg_changes(run_dir: Path, saved: Optional[Config], state: Optional[dict], cfg: Config, world: int) -> dict:
     """The options this leg changes (:func:`difflab.training.config_changes`), after
     refusing any it may not: more steps, NOT_A_CHANGE, and the batch size together with
     the process count (``resume_shards`` has checked that the global batch is kept)."""

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from difflab.options import Config, device_option, mixed_precision_option, option, seed_option
+from difflab.options import (
+    Config,
+    device_option,
+    grad_clip_option,
+    min_lr_ratio_option,
+    mixed_precision_option,
+    option,
+    seed_option,
+)
 from difflab.sampling import SAMPLERS
 from difflab.t2i.model import MiniConfig
 
@@ -18,8 +26,8 @@ class T2ITrainConfig(Config):
     batch_size: int = option(64, "images per diffusion step (per process)", minimum=1)
     lr: float = option(1e-3, "peak AdamW learning rate of the UNet and text encoder (0 keeps the weights: a check)", minimum=0.0)
     warmup: int = option(300, "linear warm-up steps, then cosine decay", minimum=0)
-    min_lr_ratio: float = option(0.05, "the cosine decay ends at this fraction of --lr", minimum=0.0, maximum=1.0)
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", minimum=0.0)
+    min_lr_ratio: float = min_lr_ratio_option()
+    grad_clip: float = grad_clip_option()
     ema_decay: float = option(0.999, "EMA decay of the exported weights", minimum=0.0, maximum=1.0)
     min_snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0: the plain loss)", minimum=0.0)
     train_text_encoder: bool = option(True, "train the (random) text encoder jointly with the UNet "
