@@ -439,3 +439,36 @@ def test_bf16_sampling_stays_near_fp32(tiny_model_dir):
            for p in ("fp32", "bf16")}
     diff = (out["bf16"] - out["fp32"]).abs()
     assert 0 < float(diff.mean()) < MEAN_BF16_GAP, float(diff.mean())
+
+
+def test_cpu_sampling_in_channels_last_equals_the_contiguous_computation(tiny_model_dir, monkeypatch):
+    """On a CPU in fp32, sample_digits hands the network channels_last input (faster
+    convolutions); the result is the contiguous-layout computation up to float rounding."""
+    from difflab.digits.generate import null_condition, sample_digits
+    from difflab.guidance import guided
+    from difflab.nets.digit_unet import DigitDenoiser
+    from difflab.sampling import ddim_sample, spaced_timesteps
+
+    net, schedule, _ = load_digit_model(tiny_model_dir)
+    noise = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    d, s = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 1, 0, 1, 0, 1])
+    seen = []
+
+    def layout(x, t, cond):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return DigitDenoiser(net)(x, t, cond)
+
+    cfg = SampleConfig(steps=4, guidance_scale=3.0)
+    ours = sample_digits(net, schedule, d, s, noise, cfg)
+    denoiser = guided(DigitDenoiser(net), 2.0, null_condition("both"))
+    plain = ddim_sample(denoiser, schedule, noise.contiguous(), spaced_timesteps(schedule, 4), (d, s), clip_x0=1.0)
+    assert torch.allclose(ours, plain.clamp(-1, 1), atol=1e-4)
+    # the network did receive channels_last input
+    import difflab.digits.generate as gen_module
+
+    monkeypatch.setattr(gen_module, "DigitDenoiser", lambda n: layout)
+    sample_digits(net, schedule, d, s, noise, cfg)
+    assert seen and all(seen)
+    seen.clear()
+    sample_digits(net, schedule, d, s, noise, SampleConfig(steps=4, guidance_scale=3.0, precision="bf16"))
+    assert seen and not any(seen)  # under bf16 autocast the contiguous layout is the faster one

@@ -115,6 +115,7 @@ def test_a_distilled_model_samples_with_one_evaluation_per_step_and_refuses_othe
     assert calls == [3] * 6  # one plain evaluation of the 3 images per step
     # equal to unguided DDIM with the student's network
     noise = torch.randn((3, 3, 28, 28), generator=torch.Generator().manual_seed(2))
+    noise = noise.contiguous(memory_format=torch.channels_last)  # the layout CPU sampling uses
     with torch.no_grad():
         plain = ddim_sample(DigitDenoiser(net), schedule, noise, spaced_timesteps(schedule, 6, "uniform"),
                             (digits, datasets), clip_x0=1.0).clamp(-1, 1)

@@ -575,3 +575,31 @@ def test_assign_state_hands_the_file_tensors_to_the_network(monkeypatch, device_
 
     with pytest.raises(ValueError, match=r"keeps 1 tensors the file does not hold, e\.g\. table"):
         dio.assign_state(WithHiddenBuffer, {k: v.clone() for k, v in WithHiddenBuffer().state_dict().items()}, "w.pt")
+
+
+@pytest.mark.parametrize("device_context", [True, False])
+def test_meta_device_skips_the_initialisers_and_restores_them(monkeypatch, device_context):
+    """In meta_device a network is built without running torch.nn.init (no values to fill;
+    on meta tensors the fills cost a Python import); after the block, also after an error,
+    the initialisers are torch's again."""
+    if device_context and not dio._DEVICE_IS_CONTEXT:
+        pytest.skip("this torch has no device context")
+    monkeypatch.setattr(dio, "_DEVICE_IS_CONTEXT", device_context)
+    calls = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting)
+    with dio.meta_device():
+        shell = torch.nn.Linear(300, 200)
+    assert calls == [] and shell.weight.is_meta and tuple(shell.weight.shape) == (200, 300)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dio.meta_device():
+            raise RuntimeError("boom")
+    assert torch.nn.init.kaiming_uniform_ is counting
+    built = torch.nn.Linear(300, 200)
+    assert calls == [(200, 300)] and not built.weight.is_meta
+    assert 0.02 < float(built.weight.detach().std()) < 0.05  # kaiming_uniform(a=sqrt(5)): std 1/sqrt(3 * 300) = 0.033

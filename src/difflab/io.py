@@ -267,24 +267,46 @@ def _default_to_meta(factory: Callable) -> Callable:
     return on_meta
 
 
+def _skip_init(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return tensor
+
+
 @contextlib.contextmanager
-def meta_device() -> Iterator[None]:
-    """Tensors made in the block without a device go to the meta device (no memory).
-    ``with torch.device("meta")`` where torch has it; else the ``_META_FACTORIES`` of the
-    ``torch`` module default to ``device="meta"`` for the block's duration (a process-wide
-    change: the block builds one network and runs nothing else)."""
-    if _DEVICE_IS_CONTEXT:
-        with torch.device("meta"):
-            yield
-        return
-    saved = {name: getattr(torch, name) for name in _META_FACTORIES}
+def _initialisers_skipped() -> Iterator[None]:
+    """``torch.nn.init``'s in-place initialisers return their tensor untouched in the block."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
     try:
-        for name, factory in saved.items():
-            setattr(torch, name, _default_to_meta(factory))
+        for name in names:
+            setattr(nn.init, name, _skip_init)
         yield
     finally:
-        for name, factory in saved.items():
-            setattr(torch, name, factory)
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Tensors made in the block without a device go to the meta device (no memory), and
+    ``torch.nn.init``'s initialisers do nothing: a meta tensor holds no values, and torch's
+    meta kernels for random fills are Python that takes over a second to import on first
+    use (most of a small network's load time). ``with torch.device("meta")`` where torch
+    has it; else the ``_META_FACTORIES`` of the ``torch`` module default to
+    ``device="meta"``. Both changes are process-wide for the block's duration: the block
+    builds one network and runs nothing else."""
+    with _initialisers_skipped():
+        if _DEVICE_IS_CONTEXT:
+            with torch.device("meta"):
+                yield
+            return
+        saved = {name: getattr(torch, name) for name in _META_FACTORIES}
+        try:
+            for name, factory in saved.items():
+                setattr(torch, name, _default_to_meta(factory))
+            yield
+        finally:
+            for name, factory in saved.items():
+                setattr(torch, name, factory)
 
 
 def check_fits(build: Callable[[], nn.Module], state: Mapping[str, Tensor], source: PathLike) -> nn.Module:
