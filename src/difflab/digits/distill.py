@@ -40,15 +40,14 @@ from difflab.data import BalancedDigits
 from difflab.digits.config import DistillConfig
 from difflab.digits.generate import null_condition
 from difflab.digits.model_io import load_digit_model
-from difflab.digits.train import leg_changes, resumed, run_state, save_checkpoint, state_tensors
+from difflab.digits.train import leg_changes, optimizer_and_ema, resumed, run_state, save_checkpoint, state_tensors
 from difflab.guidance import guided
-from difflab.io import PathLike, load_tensors, save_json
+from difflab.io import PathLike, save_json
 from difflab.nets.digit_unet import NUM_DIGITS, DigitDenoiser, DigitUNet
 from difflab.processes import main_process
 from difflab.sampling import ddim_sample, spaced_timesteps
 from difflab.schedule import NoiseSchedule
 from difflab.training import (
-    EMA,
     LOCK_NAME,
     Loop,
     Shards,
@@ -192,12 +191,7 @@ def _distill(teacher_path, data_root, run_dir: Path, cfg: DistillConfig, resume:
             raise ValueError("--data is needed unless --trajectory-share is 1 (every row from the teacher's trajectories)")
         data = BalancedDigits.from_root(data_root, progress=progress and accelerator.is_main_process)
     student = copy.deepcopy(teacher).train().requires_grad_(True)  # a new run starts as the teacher
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ema = EMA(cfg.ema_decay, {"model": student})
-    if latest is not None:
-        student.load_state_dict(load_tensors(latest / "raw.safetensors"))
-        ema.shadows["model"] = load_tensors(latest / "model.safetensors")
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    optimizer, ema = optimizer_and_ema(student, cfg.lr, 0.0, cfg.ema_decay, latest)
     student, optimizer = accelerator.prepare(student, optimizer)
     guided_teacher = guided(DigitDenoiser(teacher), cfg.guidance_scale - 1.0, null_condition("both"))
 

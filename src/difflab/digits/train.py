@@ -121,6 +121,18 @@ def leg_changes(run_dir: Path, saved: Optional[Config], state: Optional[dict], c
     return changes
 
 
+def optimizer_and_ema(model, lr: float, weight_decay: float, ema_decay: float, latest: Optional[Path]):
+    """AdamW and the EMA of ``model``; from ``latest`` (a checkpoint folder) the raw weights
+    go into ``model`` and the EMA and optimizer state are restored."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    ema = EMA(ema_decay, {"model": model})
+    if latest is not None:
+        model.load_state_dict(load_tensors(latest / "raw.safetensors"))
+        ema.shadows["model"] = load_tensors(latest / "model.safetensors")
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    return optimizer, ema
+
+
 def state_tensors(model, ema: dict, optimizer):
     """What every process holds alike: raw weights, EMA and optimizer state."""
     yield from module_tensors("raw", model.state_dict())
@@ -172,12 +184,7 @@ def _train(data_root, run_dir: Path, cfg: TrainConfig, resume: bool, stop_at: Op
         data = BalancedDigits.from_root(data_root, progress=progress and accelerator.is_main_process)
     with seeded_init(cfg.seed):
         model = DigitUNet(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(cfg.ema_decay, {"model": model})
-    if latest is not None:
-        model.load_state_dict(load_tensors(latest / "raw.safetensors"))
-        ema.shadows["model"] = load_tensors(latest / "model.safetensors")
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    optimizer, ema = optimizer_and_ema(model, cfg.lr, cfg.weight_decay, cfg.ema_decay, latest)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_train_steps)
     denoiser = DigitDenoiser(model)
